@@ -1,0 +1,151 @@
+"""Reading checkpoint files safely and loading them strictly.
+
+* `read_state_dict` opens `.safetensors` with the safetensors package and
+  pickled `.bin/.pt/.ckpt` files with `torch.load(weights_only=True)`, which
+  refuses any global outside PyTorch's tensor-rebuilding allow-list: a file
+  can never run code while it is read.
+* `rename_keys` applies ordered regex rules to every key and accounts for all
+  of them: each source key is renamed by exactly one rule or ignored with a
+  stated reason; any other key is an error.
+* `load_into` builds nothing half-way: it compares the converted keys and
+  shapes with the model's parameters and raises before touching the model.
+"""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, TypeVar, Union
+
+import torch
+from torch import nn
+
+StateDict = Dict[str, torch.Tensor]
+PathLike = Union[str, Path]
+M = TypeVar("M", bound=nn.Module)
+
+
+class CheckpointError(ValueError):
+    """A checkpoint cannot be loaded: unreadable, or its keys/shapes do not fit the model."""
+
+
+def _list(keys: Iterable[str], limit: int = 12) -> str:
+    keys = sorted(keys)
+    shown = ", ".join(keys[:limit])
+    return shown + (f", ... ({len(keys) - limit} more)" if len(keys) > limit else "")
+
+
+def read_state_dict(path: PathLike) -> StateDict:
+    """All tensors of one checkpoint file, on the CPU, without executing any code in the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: file not found")
+    if path.suffix == ".safetensors":
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+        try:
+            return load_file(str(path), device="cpu")
+        except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+            raise CheckpointError(f"{path}: not a valid safetensors file ({e})") from None
+    try:
+        obj = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
+    except RuntimeError:
+        # mmap needs the zip format; legacy (pre-1.6) pickles load without it, still weights_only
+        try:
+            obj = torch.load(str(path), map_location="cpu", weights_only=True)
+        except Exception as e:  # noqa: BLE001 - reported with the file name
+            raise CheckpointError(f"{path}: refused or unreadable checkpoint ({type(e).__name__}: {e})") from None
+    except Exception as e:  # noqa: BLE001 - unpickling errors come in many types
+        raise CheckpointError(f"{path}: refused or unreadable checkpoint ({type(e).__name__}: {e})") from None
+    if isinstance(obj, Mapping) and "state_dict" in obj and isinstance(obj["state_dict"], Mapping):
+        obj = obj["state_dict"]
+    if not isinstance(obj, Mapping) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise CheckpointError(f"{path}: expected a mapping of names to tensors")
+    return dict(obj)
+
+
+def find_weights_file(folder: PathLike, stems: Sequence[str]) -> Path:
+    """The weights file of a transformers/diffusers model folder: `<stem>.safetensors` first, then `<stem>.bin`."""
+    folder = Path(folder)
+    candidates = [folder / f"{stem}{ext}" for ext in (".safetensors", ".bin") for stem in stems]
+    for c in candidates:
+        if c.is_file():
+            return c
+    raise CheckpointError(f"{folder}: no weights file found (looked for {', '.join(c.name for c in candidates)})")
+
+
+Rule = Tuple[str, str]
+
+
+def rename_keys(state: Mapping[str, torch.Tensor], rules: Sequence[Rule], ignore: Sequence[Tuple[str, str]] = (),
+                source: str = "checkpoint") -> StateDict:
+    """Rename every key of `state` by the first matching rule; account for all of them.
+
+    rules: (pattern, replacement) pairs for `re.fullmatch`/`re.sub`; the first
+        pattern that fully matches a key renames it.
+    ignore: (pattern, reason) pairs; a key matching one is dropped on purpose
+        (the reason documents why, e.g. a buffer we recompute).
+    Raises CheckpointError naming `source` if a key matches no rule and no
+    ignore pattern, or if two source keys map to the same target.
+    """
+    compiled = [(re.compile(p), r) for p, r in rules]
+    ignored = [re.compile(p) for p, _ in ignore]
+    out: StateDict = {}
+    origin: Dict[str, str] = {}
+    unknown: List[str] = []
+    for key, tensor in state.items():
+        if any(p.fullmatch(key) for p in ignored):
+            continue
+        for pattern, repl in compiled:
+            if pattern.fullmatch(key):
+                target = pattern.sub(repl, key)
+                if target in out:
+                    raise CheckpointError(f"{source}: keys {origin[target]!r} and {key!r} both map to {target!r}")
+                out[target] = tensor
+                origin[target] = key
+                break
+        else:
+            unknown.append(key)
+    if unknown:
+        raise CheckpointError(f"{source}: unexpected keys (not part of this architecture): {_list(unknown)}")
+    return out
+
+
+def check_state_dict(model: nn.Module, state: Mapping[str, torch.Tensor], source: str = "checkpoint") -> None:
+    """Raise CheckpointError unless `state` has exactly the model's keys with the model's shapes."""
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    missing = expected.keys() - state.keys()
+    extra = state.keys() - expected.keys()
+    problems = []
+    if missing:
+        problems.append(f"missing keys: {_list(missing)}")
+    if extra:
+        problems.append(f"unexpected keys: {_list(extra)}")
+    wrong = [f"{k} (file {tuple(state[k].shape)}, model {expected[k]})"
+             for k in sorted(expected.keys() & state.keys()) if tuple(state[k].shape) != expected[k]]
+    if wrong:
+        problems.append(f"wrong shapes: {_list(wrong)}")
+    if problems:
+        raise CheckpointError(f"{source}: " + "; ".join(problems))
+
+
+def build_on_meta(factory: Callable[[], M]) -> M:
+    """Construct a model without allocating its weights (they are filled by `load_into`)."""
+    with torch.device("meta"):
+        return factory()
+
+
+def load_into(model: M, state: Mapping[str, torch.Tensor], source: str = "checkpoint",
+              dtype: Optional[torch.dtype] = torch.float32) -> M:
+    """Check `state` against `model` strictly, then load it (assigning the tensors, no copies).
+
+    Floating-point tensors are cast to `dtype` (None keeps the file's dtype).
+    The model may live on the meta device; afterwards no meta tensor remains.
+    """
+    check_state_dict(model, state, source)
+    if dtype is not None:
+        state = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in state.items()}
+    model.load_state_dict(state, strict=True, assign=True)
+    leftovers = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
+    if leftovers:
+        raise CheckpointError(f"{source}: tensors not filled by the checkpoint: {_list(leftovers)}")
+    return model.eval()
