@@ -6,10 +6,12 @@ here only, as a test-time oracle; the library never imports it.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Dict, Tuple
+from typing import Dict, Optional, Tuple
 
 import pytest
 import torch
+
+from parti_from_scratch.clip import model as clip_model
 
 transformers = pytest.importorskip("transformers")
 
@@ -89,6 +91,21 @@ def token_batch(pair: str, seq_len: int = 10, seed: int = 0) -> Tuple[torch.Tens
 def pixel_batch(pair: str, batch: int = 3, seed: int = 0) -> torch.Tensor:
     size = VISION[PAIRS[pair][1]]["image_size"]
     return torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(seed))
+
+
+class Case:
+    """One CLIP config: a transformers folder per class, the reference model, and inputs."""
+
+    def __init__(self, pair, root):
+        self.pair = pair
+        self.folder = {name: root / name for name in CLASSES}
+        self.ref = {name: save_reference(name, pair, self.folder[name], seed=i) for i, name in enumerate(CLASSES)}
+        self.ids, self.mask = token_batch(pair)
+        self.pixels = pixel_batch(pair)
+
+    def ours(self, name: str, folder_of: Optional[str] = None):
+        """Our `name` class loaded from the transformers folder of `folder_of` (default: its own)."""
+        return getattr(clip_model, name).from_pretrained(self.folder[folder_of or name])
 
 
 def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:

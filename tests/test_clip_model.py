@@ -4,31 +4,14 @@ import math
 import pytest
 import torch
 
-from clip_oracle import CLASSES, PAIRS, max_diff, pixel_batch, save_reference, token_batch
+from clip_oracle import PAIRS, Case, max_diff
 from parti_from_scratch.clip.model import (CLIPConfig, CLIPEncoderOutput, CLIPModel, CLIPTextConfig, CLIPTextModel,
-                                           CLIPTextModelWithProjection, CLIPVisionConfig, CLIPVisionModel,
+                                           CLIPTextModelWithProjection, CLIPVisionConfig,
                                            CLIPVisionModelWithProjection, eos_positions, quick_gelu)
 from parti_from_scratch.nn.attention import attention_backend
 from weights_convert.common import build_on_meta
 
 TOL = 1e-5  # max abs difference allowed against transformers, float32
-OURS = {"CLIPModel": CLIPModel, "CLIPTextModel": CLIPTextModel,
-        "CLIPTextModelWithProjection": CLIPTextModelWithProjection, "CLIPVisionModel": CLIPVisionModel,
-        "CLIPVisionModelWithProjection": CLIPVisionModelWithProjection}
-
-
-class Case:
-    """One CLIP config: a transformers folder per class, the reference model, and inputs."""
-
-    def __init__(self, pair, root):
-        self.pair = pair
-        self.folder = {name: root / name for name in CLASSES}
-        self.ref = {name: save_reference(name, pair, self.folder[name], seed=i) for i, name in enumerate(CLASSES)}
-        self.ids, self.mask = token_batch(pair)
-        self.pixels = pixel_batch(pair)
-
-    def ours(self, name, folder_of=None):
-        return OURS[name].from_pretrained(self.folder[folder_of or name])
 
 
 @pytest.fixture(scope="module", params=list(PAIRS))

@@ -119,7 +119,8 @@ def save_rules(cls: type) -> List[Rule]:
     rules = []
     for part, our_prefix in _layout(cls).items():
         part_rules, their_prefix, _ = _PARTS[part]
-        rules += [(re.escape(our_prefix + ours) + tail, their_prefix + theirs + r"\1") for theirs, ours, tail in part_rules]
+        rules += [(re.escape(our_prefix + ours) + tail, their_prefix + theirs + r"\1")
+                  for theirs, ours, tail in part_rules]
     return rules
 
 
@@ -170,7 +171,7 @@ def read_config(cls: type, raw: dict, model_type: str, config_file: Path):
 
 
 def load_pretrained(cls: Type[nn.Module], path: Union[str, Path], subfolder: Optional[str] = None,
-                    torch_dtype: Optional[torch.dtype] = torch.float32) -> nn.Module:
+                    dtype: Optional[torch.dtype] = torch.float32) -> nn.Module:
     """Build `cls` from a transformers CLIP folder: config first, then every tensor accounted for."""
     folder = resolve_folder(path, subfolder)
     config_file = folder / "config.json"
@@ -181,9 +182,10 @@ def load_pretrained(cls: Type[nn.Module], path: Union[str, Path], subfolder: Opt
     model_type = source_model_type(cls, raw, config_file)
     config = read_config(cls, raw, model_type, config_file)
     weights = find_weights_file(folder, ("model", "pytorch_model"))
-    state = rename_keys(read_state_dict(weights), load_rules(cls), ignore_rules(cls, model_type), source=str(weights))
+    state = rename_keys(read_state_dict(weights), load_rules(cls), ignore_rules(cls, model_type),
+                        source=str(weights))
     model = build_on_meta(lambda: cls(config))
-    return load_into(model, state, source=str(weights), dtype=torch_dtype)
+    return load_into(model, state, source=str(weights), dtype=dtype)
 
 
 def config_json(model: nn.Module) -> dict:

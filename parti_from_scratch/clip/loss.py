@@ -1,4 +1,4 @@
-"""CLIP's contrastive loss, the equation of tutorial §4.3.
+"""CLIP's contrastive loss, the equation of tutorial "Parti原理与代码实例讲解" §4.3.
 
 Radford et al. 2021, arXiv 2103.00020, §2.3 and Figure 3. A batch holds N
 matching (image, text) pairs. With I_e, T_e the L2-normalised image and text

@@ -1,4 +1,6 @@
-"""CLIP's two encoders and the model that joins them. Tutorial §2.3 (CLIP), §3.1 (encoding the prompt), §4.3 (the loss).
+"""CLIP's two encoders and the model that joins them.
+
+Tutorial "Parti原理与代码实例讲解" §2.3 (CLIP), §3.1 (encoding the prompt), §4.3 (the loss).
 
 Radford et al. 2021, "Learning Transferable Visual Models From Natural Language
 Supervision", arXiv 2103.00020: §2.4 and Figure 3 (the pseudocode below).
@@ -259,7 +261,10 @@ class CLIPTextEmbeddings(nn.Module):
 
 
 class CLIPVisionEmbeddings(nn.Module):
-    """x_0 = [x_class; patch_1 E; ...; patch_N E] + P: the ViT input (Dosovitskiy et al. 2020, arXiv 2010.11929, Eq. 1)."""
+    """x_0 = [x_class; patch_1 E; ...; patch_N E] + P: the ViT input.
+
+    Dosovitskiy et al. 2020, arXiv 2010.11929, Eq. 1; E is the patch embedding, P the position embedding.
+    """
 
     def __init__(self, config: CLIPVisionConfig):
         super().__init__()
@@ -293,13 +298,14 @@ class _Pretrained(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path: Union[str, Path], subfolder: Optional[str] = None,
-                        torch_dtype: Optional[torch.dtype] = torch.float32):
+                        dtype: Optional[torch.dtype] = torch.float32, *, torch_dtype: Optional[torch.dtype] = None):
         """Load a transformers folder (config.json + model.safetensors or pytorch_model.bin), strictly.
 
-        A full CLIPModel folder also loads as one of its towers. torch_dtype=None keeps the file's dtype.
+        A full CLIPModel folder also loads as one of its towers. dtype=None keeps the file's dtype;
+        torch_dtype, if given, is another name for dtype (the one diffusers' listings use).
         """
         from weights_convert.transformers_clip import load_pretrained
-        return load_pretrained(cls, path, subfolder=subfolder, torch_dtype=torch_dtype)
+        return load_pretrained(cls, path, subfolder=subfolder, dtype=dtype if torch_dtype is None else torch_dtype)
 
     def save_pretrained(self, folder: Union[str, Path]) -> None:
         """Write config.json and model.safetensors in transformers' layout (transformers can load the folder)."""
