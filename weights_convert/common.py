@@ -12,6 +12,7 @@
 """
 from __future__ import annotations
 
+import pickle
 import re
 from pathlib import Path
 from typing import Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, TypeVar, Union
@@ -34,8 +35,14 @@ def _list(keys: Iterable[str], limit: int = 12) -> str:
     return shown + (f", ... ({len(keys) - limit} more)" if len(keys) > limit else "")
 
 
-def read_state_dict(path: PathLike) -> StateDict:
-    """All tensors of one checkpoint file, on the CPU, without executing any code in the file."""
+def read_state_dict(path: PathLike, fallback: Optional[Callable[[Path], object]] = None) -> StateDict:
+    """All tensors of one checkpoint file, on the CPU, without executing any code in the file.
+
+    fallback: called with the path when `torch.load(weights_only=True)` refuses
+        the pickle (a global outside its allow-list, e.g. a training framework's
+        callback object); it must itself be a restricted loader such as
+        `safe_unpickle.restricted_load`. Without one, the refusal is an error.
+    """
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: file not found")
@@ -46,6 +53,7 @@ def read_state_dict(path: PathLike) -> StateDict:
             return load_file(str(path), device="cpu")
         except (SafetensorError, OSError, ValueError, RuntimeError) as e:
             raise CheckpointError(f"{path}: not a valid safetensors file ({e})") from None
+    refused = False
     try:
         obj = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
     except RuntimeError:
@@ -54,8 +62,14 @@ def read_state_dict(path: PathLike) -> StateDict:
             obj = torch.load(str(path), map_location="cpu", weights_only=True)
         except Exception as e:  # noqa: BLE001 - reported with the file name
             raise CheckpointError(f"{path}: refused or unreadable checkpoint ({type(e).__name__}: {e})") from None
+    except pickle.UnpicklingError as e:
+        if fallback is None:
+            raise CheckpointError(f"{path}: refused or unreadable checkpoint ({type(e).__name__}: {e})") from None
+        refused = True  # the fallback runs below, outside this handler, so its own errors stand alone
     except Exception as e:  # noqa: BLE001 - unpickling errors come in many types
         raise CheckpointError(f"{path}: refused or unreadable checkpoint ({type(e).__name__}: {e})") from None
+    if refused:
+        obj = fallback(path)
     if isinstance(obj, Mapping) and "state_dict" in obj and isinstance(obj["state_dict"], Mapping):
         obj = obj["state_dict"]
     if not isinstance(obj, Mapping) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
