@@ -386,7 +386,7 @@ class CLIPTextModel(_Pretrained):
         last_hidden_state = self.final_layer_norm(x)
         # the state at each sequence's end-of-text token: (b, n, d) -> (b, d)
         rows = torch.arange(b, device=input_ids.device)
-        pooled = last_hidden_state[rows, eos_positions(input_ids, self.config.eos_token_id).to(input_ids.device)]
+        pooled = last_hidden_state[rows, eos_positions(input_ids, self.config.eos_token_id)]
         return CLIPEncoderOutput(last_hidden_state, pooled, hidden_states)
 
 
@@ -473,7 +473,10 @@ class CLIPModel(_Pretrained):
 
     def get_text_features(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
                           position_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """T_f W_t, shape (b, projection_dim), not yet normalised."""
+        """T_f W_t, shape (b, projection_dim), not yet normalised.
+
+        A tensor, as transformers 4 returned and CLIP tutorials use it (transformers 5 wraps it in an output object).
+        """
         return self.text_projection(self.text_model(input_ids, attention_mask, position_ids).pooler_output)
 
     def get_image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
@@ -491,7 +494,7 @@ class CLIPModel(_Pretrained):
         """
         text_out = self.text_model(input_ids, attention_mask, position_ids, output_hidden_states)
         vision_out = self.vision_model(pixel_values, output_hidden_states)
-        # I_e, T_e: the projected features on the unit sphere
+        # I_e, T_e: the projected features on the unit sphere (similarity_logits is then exp(t) I_e T_e^T)
         image_embeds = F.normalize(self.visual_projection(vision_out.pooler_output), dim=-1)
         text_embeds = F.normalize(self.text_projection(text_out.pooler_output), dim=-1)
         logits_per_image = similarity_logits(image_embeds, text_embeds, self.logit_scale)
