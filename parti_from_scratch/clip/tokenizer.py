@@ -446,6 +446,22 @@ class CLIPTokenizer:
         except ValueError as error:
             raise ValueError(f"{folder}: {error}") from error
 
+    def save_pretrained(self, folder: str | os.PathLike) -> None:
+        """Write a transformers tokenizer folder: vocab.json, merges.txt, tokenizer_config.json, special_tokens_map.json."""
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "vocab.json").write_text(json.dumps(self.vocab, ensure_ascii=False), encoding="utf-8")
+        merges = sorted(self.bpe_ranks, key=self.bpe_ranks.__getitem__)
+        (folder / "merges.txt").write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges), encoding="utf-8")
+        names = {"bos_token": self.bos_token, "eos_token": self.eos_token, "pad_token": self.pad_token,
+                 "unk_token": self.unk_token}
+        config = {"tokenizer_class": "CLIPTokenizer", "model_max_length": self.model_max_length, **names,
+                  "added_tokens_decoder": {str(self.vocab[t]): {"content": t, "lstrip": False, "rstrip": False,
+                                                                 "single_word": False, **flags}
+                                           for t, flags in self.added_tokens.items()}}
+        (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False), encoding="utf-8")
+        (folder / "special_tokens_map.json").write_text(json.dumps(names, indent=2), encoding="utf-8")
+
     # ---- vocabulary --------------------------------------------------------------------
     @property
     def vocab_size(self) -> int:
