@@ -126,7 +126,12 @@ def rename_keys(state: Mapping[str, torch.Tensor], rules: Sequence[Rule], ignore
 
 def check_state_dict(model: nn.Module, state: Mapping[str, torch.Tensor], source: str = "checkpoint") -> None:
     """Raise CheckpointError unless `state` has exactly the model's keys with the model's shapes."""
-    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    check_shapes({k: tuple(v.shape) for k, v in model.state_dict().items()}, state, source)
+
+
+def check_shapes(expected: Mapping[str, Tuple[int, ...]], state: Mapping[str, torch.Tensor],
+                 source: str = "checkpoint") -> None:
+    """Raise CheckpointError unless `state` has exactly the keys of `expected`, with those shapes."""
     missing = expected.keys() - state.keys()
     extra = state.keys() - expected.keys()
     problems = []
