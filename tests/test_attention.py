@@ -116,3 +116,17 @@ def test_bad_backend_name_is_refused():
     with pytest.raises(ValueError, match="attention backend"):
         with attention_backend("flash"):
             pass
+
+
+def test_query_with_no_visible_key_outputs_zero_in_both_backends():
+    g = torch.Generator().manual_seed(5)
+    q, k, v = (torch.randn(1, 2, 4, 8, generator=g) for _ in range(3))
+    mask = torch.ones(1, 1, 4, 4, dtype=torch.bool)
+    mask[..., 1, :] = False          # query 1 sees nothing
+    with attention_backend("explicit"):
+        ref = scaled_dot_product_attention(q, k, v, mask=mask)
+    with attention_backend("fused"):
+        fused = scaled_dot_product_attention(q, k, v, mask=mask)
+    assert torch.isfinite(ref).all()
+    assert (ref[..., 1, :] == 0).all()
+    torch.testing.assert_close(fused, ref, atol=1e-5, rtol=0)

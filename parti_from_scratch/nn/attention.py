@@ -102,7 +102,12 @@ def attention_weights(q: torch.Tensor, k: torch.Tensor, mask: Optional[torch.Ten
         # a removed pair gets logit -inf, hence weight exp(-inf) = 0
         scores = scores.masked_fill(~mask, float("-inf"))
     # A = softmax(S) along the key axis
-    return scores.softmax(dim=-1)
+    a = scores.softmax(dim=-1)
+    if mask is not None:
+        # a query that may see no key at all (e.g. a left-padded row) gets all-zero weights, not 0/0 = NaN;
+        # the fused kernel does the same
+        a = a.masked_fill(~mask.any(dim=-1, keepdim=True), 0.0)
+    return a
 
 
 def explicit_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor] = None,
