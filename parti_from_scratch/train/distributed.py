@@ -131,20 +131,22 @@ def run_on_main(fn: Callable[[], T], info: DistInfo) -> Optional[T]:
     forever at the next collective. The broadcast is also the barrier after
     the write: no rank goes on until rank 0 has finished.
     """
-    result, error = None, None
+    result, error, cause = None, None, None
     if info.is_main:
         try:
             result = fn()
         except TrainError as e:
-            error = str(e)
+            error, cause = str(e), e
         except OSError as e:
-            error = f"{e.filename or 'output'}: {e.strerror or e}"
+            error, cause = f"{e.filename or 'output'}: {e.strerror or e}", e
+        except Exception as e:  # any other failure must reach the other ranks too
+            error, cause = f"{type(e).__name__}: {e}", e
     if info.is_distributed:
         box = [error]
         dist.broadcast_object_list(box, src=0)
         error = box[0]
     if error is not None:
-        raise TrainError(error)
+        raise TrainError(error) from cause
     return result
 
 

@@ -33,8 +33,8 @@ class EMA:
             raise ValueError(f"EMA decay must be in [0, 1), got {decay}")
         self.decay = decay
         self.warmup = warmup
-        # a frozen copy: same architecture, own storage, never trained directly
-        self.module = copy.deepcopy(model).requires_grad_(False)
+        # a frozen copy in eval mode: same architecture, own storage, never trained directly
+        self.module = copy.deepcopy(model).requires_grad_(False).eval()
 
     def decay_at(self, step: int) -> float:
         """d_t for the update made after optimiser step `step` (1-based)."""

@@ -283,7 +283,9 @@ def to_device(batch: Any, device: torch.device) -> Any:
         return batch.to(device, non_blocking=True)
     if isinstance(batch, Mapping):
         return type(batch)({k: to_device(v, device) for k, v in batch.items()})
-    if isinstance(batch, (list, tuple)) and not hasattr(batch, "_fields"):
+    if isinstance(batch, tuple) and hasattr(batch, "_fields"):                     # a namedtuple
+        return type(batch)(*(to_device(v, device) for v in batch))
+    if isinstance(batch, (list, tuple)):
         return type(batch)(to_device(v, device) for v in batch)
     return batch
 
@@ -448,9 +450,13 @@ def train(model: nn.Module, loss_fn: LossFn, dataset: Sequence, config: TrainCon
     resume:  None for a new run (out_dir must hold no checkpoints), a checkpoint
              path, or "latest" (the newest checkpoint in out_dir; a new run if none).
     Under torchrun every process calls train() with the same arguments; rank 0
-    writes the files. All ranks must see the same files (a shared folder).
+    writes the files. All ranks must see the same files (a shared folder), and
+    every trainable parameter must get a gradient at every step (DDP's
+    requirement): freeze what loss_fn does not use with requires_grad_(False).
     """
     config.check()
+    if isinstance(model, DistributedDataParallel):
+        raise TrainError("pass the bare model: train() wraps it in DistributedDataParallel itself")
     if len(dataset) == 0:
         raise TrainError("the dataset is empty")
     if config.batch_size > len(dataset):
@@ -468,18 +474,17 @@ def train(model: nn.Module, loss_fn: LossFn, dataset: Sequence, config: TrainCon
         engine = _Engine(model, loss_fn, dataset, config, collate, info, device)
         start = engine.resume(resume_path) if resume_path is not None else 0
         last = resume_path
-        bar = tqdm(total=config.steps, initial=min(start, config.steps), unit="step",
-                   desc=f"train {type(model).__name__}", disable=not (info.is_main and config.progress))
-        for step in range(start, config.steps):
-            engine.window.add(engine.train_step(step))
-            done = step + 1
-            if done % config.log_every == 0 or done == config.steps:
-                engine.history.append({"step": done, **engine.window.pop_mean()})
-                bar.set_postfix(loss=f"{engine.history[-1]['loss']:.4g}", lr=f"{engine.history[-1]['lr']:.2e}")
-            bar.update(1)
-            if done == config.steps or (config.checkpoint_every and done % config.checkpoint_every == 0):
-                last = engine.save(done)
-        bar.close()
+        with tqdm(total=config.steps, initial=min(start, config.steps), unit="step",
+                  desc=f"train {type(model).__name__}", disable=not (info.is_main and config.progress)) as bar:
+            for step in range(start, config.steps):
+                engine.window.add(engine.train_step(step))
+                done = step + 1
+                if done % config.log_every == 0 or done == config.steps:
+                    engine.history.append({"step": done, **engine.window.pop_mean()})
+                    bar.set_postfix(loss=f"{engine.history[-1]['loss']:.4g}", lr=f"{engine.history[-1]['lr']:.2e}")
+                bar.update(1)
+                if done == config.steps or (config.checkpoint_every and done % config.checkpoint_every == 0):
+                    last = engine.save(done)
         return TrainResult(model, engine.ema.module if engine.ema is not None else None, engine.history,
                            max(start, config.steps), last, out_dir)
     finally:
