@@ -178,8 +178,10 @@ def _unet_config(state: Mapping[str, torch.Tensor], version: str, prediction_typ
     if n < 1 or n_out != levels * (n + 1):
         raise CheckpointError(f"{source}: {n_out} UNet output blocks do not make {levels} levels of equal size")
     first = [1 + b * (n + 1) for b in range(levels)]  # input block of each level's first resnet
-    attention_down = [f"{UNET}input_blocks.{i}.1.proj_in.weight" in state for i in first]
-    attention_up = [f"{UNET}output_blocks.{b * (n + 1)}.1.proj_in.weight" in state for b in range(levels)]
+    # a level has cross-attention if any of its layers has a SpatialTransformer (whose input is proj_in)
+    attention_down = [any(f"{UNET}input_blocks.{i + j}.1.proj_in.weight" in state for j in range(n)) for i in first]
+    attention_up = [any(f"{UNET}output_blocks.{b * (n + 1) + j}.1.proj_in.weight" in state for j in range(n + 1))
+                    for b in range(levels)]
     channels = [_shape(state, f"{UNET}input_blocks.{i}.0.out_layers.3.weight", source)[0] for i in first]
     proj_in = _shape(state, f"{UNET}middle_block.1.proj_in.weight", source)
     v_model = version == "2" and prediction_type == "v_prediction"
