@@ -1,0 +1,295 @@
+"""The autoencoder of latent diffusion: images <-> latents 8x smaller per side (tutorial §5.2).
+
+Stable Diffusion does not denoise pixels but latents z of a KL-regularised
+autoencoder (Rombach et al. 2022, arXiv 2112.10752, §3.1 and Appendix G),
+a variational autoencoder (Kingma & Welling 2013, arXiv 1312.6114):
+
+    encoder:  q_phi(z | x) = N(z; mu_phi(x), diag(sigma_phi(x)^2))
+    sample:   z = mu + sigma * eps,  eps ~ N(0, I)          (the reparameterisation trick, Kingma & Welling Eq. 10)
+    decoder:  x_hat = D_theta(z)
+    regulariser: KL(q_phi(z | x) || N(0, I)), weighted ~1e-6 in training, so z stays close to Gaussian
+
+The diffusion model sees z * scaling_factor (0.18215 for SD 1.x/2.x), which
+gives the latents roughly unit variance; `decode` expects z / scaling_factor back.
+
+Encoder: conv_in -> down blocks (ResnetBlock2D without time embedding, then
+Downsample2D with the asymmetric padding) -> mid block (resnet, single-head
+self-attention over the pixels, resnet) -> GroupNorm -> SiLU -> conv_out to
+2 * latent_channels (mu and log sigma^2) -> quant_conv (1x1).
+Decoder: post_quant_conv (1x1) -> conv_in -> mid block -> up blocks (resnets,
+then Upsample2D) -> GroupNorm -> SiLU -> conv_out.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional, Tuple, Union
+
+import torch
+from einops import rearrange
+from torch import nn
+
+from parti_from_scratch.configuration import ConfigError, config_from_dict
+from parti_from_scratch.nn.attention import MultiHeadAttention
+from parti_from_scratch.nn.resnet import ResnetBlock2D, group_norm_silu
+from parti_from_scratch.nn.updown import Downsample2D, Upsample2D
+
+
+@dataclass
+class AutoencoderKLConfig:
+    """Hyper-parameters of the VAE; field names and defaults are those of diffusers' `vae/config.json`."""
+    in_channels: int = 3                       # image channels
+    out_channels: int = 3
+    down_block_types: Tuple[str, ...] = ("DownEncoderBlock2D",)   # one entry per level
+    up_block_types: Tuple[str, ...] = ("UpDecoderBlock2D",)
+    block_out_channels: Tuple[int, ...] = (64,)   # SD: (128, 256, 512, 512), so latents are 8x smaller per side
+    layers_per_block: int = 1                  # resnets per encoder level (decoder levels have one more); SD: 2
+    act_fn: str = "silu"
+    latent_channels: int = 4                   # channels of z
+    norm_num_groups: int = 32
+    sample_size: Union[int, Tuple[int, ...]] = 32    # image size it was trained at
+    scaling_factor: float = 0.18215            # the UNet sees z * scaling_factor (about unit variance)
+    shift_factor: Optional[float] = None       # (z - shift) * scale in later models; None for SD 1.x/2.x
+    latents_mean: Optional[Tuple[float, ...]] = None  # per-channel statistics some later pipelines use
+    latents_std: Optional[Tuple[float, ...]] = None
+    force_upcast: bool = True                  # pipelines should run this VAE in float32
+    use_quant_conv: bool = True                # 1x1 conv after the encoder
+    use_post_quant_conv: bool = True           # 1x1 conv before the decoder
+    mid_block_add_attention: bool = True       # self-attention in the mid blocks
+
+    @classmethod
+    def from_dict(cls, values: dict, source: str = "config") -> "AutoencoderKLConfig":
+        config = config_from_dict(cls, values, source=source)
+        config.validate(source)
+        return config
+
+    def validate(self, source: str = "AutoencoderKLConfig") -> None:
+        """Raise ConfigError naming `source` and the key if this config is not one we can build."""
+        for key, kind in (("down_block_types", "DownEncoderBlock2D"), ("up_block_types", "UpDecoderBlock2D")):
+            values = getattr(self, key)
+            if len(values) != len(self.block_out_channels) or any(v != kind for v in values):
+                raise ConfigError(f"{source}: {key}={values!r} is not supported (only {kind!r}, one per "
+                                  f"block_out_channels entry)")
+        if self.act_fn not in ("silu", "swish"):
+            raise ConfigError(f"{source}: act_fn={self.act_fn!r} is not supported (only 'silu')")
+
+
+class DiagonalGaussianDistribution:
+    """q(z | x) = N(mu, diag(sigma^2)), from the encoder's 2 * latent_channels output [mu, log sigma^2].
+
+    log sigma^2 is clamped to [-30, 20] as in the reference autoencoder, so sigma
+    can neither vanish nor overflow.
+    """
+
+    def __init__(self, parameters: torch.Tensor):
+        self.parameters = parameters
+        # (b, 2C, h, w) -> mu (b, C, h, w), log sigma^2 (b, C, h, w)
+        self.mean, logvar = parameters.chunk(2, dim=1)
+        self.logvar = logvar.clamp(-30.0, 20.0)
+        # sigma = exp(log sigma^2 / 2)
+        self.std = torch.exp(0.5 * self.logvar)
+        self.var = torch.exp(self.logvar)
+
+    def sample(self, generator: Optional[torch.Generator] = None, noise: Optional[torch.Tensor] = None
+               ) -> torch.Tensor:
+        """z = mu + sigma * eps, eps ~ N(0, I): a differentiable sample (the reparameterisation trick)."""
+        if noise is None:
+            noise = torch.randn(self.mean.shape, generator=generator, device=self.mean.device, dtype=self.mean.dtype)
+        return self.mean + self.std * noise
+
+    def mode(self) -> torch.Tensor:
+        """The most likely z: mu."""
+        return self.mean
+
+    def kl(self) -> torch.Tensor:
+        """KL(N(mu, sigma^2) || N(0, I)) per sample, summed over the latent's elements, shape (b,).
+
+            KL = 0.5 * sum( mu^2 + sigma^2 - 1 - log sigma^2 )
+
+        (per element, the closed form of KL between two Gaussians with the second standard normal).
+        """
+        return 0.5 * torch.sum(self.mean.pow(2) + self.var - 1.0 - self.logvar, dim=[1, 2, 3])
+
+
+@dataclass
+class AutoencoderKLOutput:
+    """vae.encode(x).latent_dist: the posterior q(z | x)."""
+    latent_dist: DiagonalGaussianDistribution
+
+
+@dataclass
+class DecoderOutput:
+    """vae.decode(z).sample: the image x_hat, shape (b, out_channels, H, W)."""
+    sample: torch.Tensor
+
+
+class SpatialSelfAttention(MultiHeadAttention):
+    """x + W_O Attention(W_Q n, W_K n, W_V n), n = GroupNorm(x) flattened to one token per pixel; a single head.
+
+    The VAE's mid-block attention: every pixel of the lowest-resolution map
+    looks at every other, with one head as wide as the channels.
+    """
+
+    def __init__(self, channels: int, groups: int, eps: float = 1e-6):
+        super().__init__(channels, n_heads=1, qkv_bias=True, out_bias=True, upcast=True)
+        self.group_norm = nn.GroupNorm(groups, channels, eps=eps)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x (b, c, H, W) -> (b, c, H, W)."""
+        height = x.shape[2]
+        # (b, c, H, W) -> (b, H*W, c)
+        tokens = rearrange(self.group_norm(x), "b c h w -> b (h w) c")
+        out = super().forward(tokens)
+        # (b, H*W, c) -> (b, c, H, W)
+        return x + rearrange(out, "b (h w) c -> b c h w", h=height)
+
+
+class VAEMidBlock(nn.Module):
+    """ResnetBlock2D -> SpatialSelfAttention -> ResnetBlock2D at the lowest resolution (UNetMidBlock2D)."""
+
+    def __init__(self, channels: int, groups: int, add_attention: bool = True):
+        super().__init__()
+        self.resnets = nn.ModuleList(ResnetBlock2D(channels, channels, groups=groups) for _ in range(2))
+        self.attentions = nn.ModuleList([SpatialSelfAttention(channels, groups)] if add_attention else [])
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        """h (b, c, H, W) -> (b, c, H, W)."""
+        h = self.resnets[0](h)
+        for attention in self.attentions:
+            h = attention(h)
+        return self.resnets[1](h)
+
+
+class ResnetLevel(nn.Module):
+    """n_layers ResnetBlock2D (no time embedding), then an optional resolution change.
+
+    The encoder's DownEncoderBlock2D (`resample="down"`, asymmetric padding) and
+    the decoder's UpDecoderBlock2D (`resample="up"`).
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, n_layers: int, groups: int, resample: Optional[str]):
+        super().__init__()
+        self.resnets = nn.ModuleList(
+            ResnetBlock2D(in_channels if i == 0 else out_channels, out_channels, groups=groups)
+            for i in range(n_layers))
+        self.downsample = Downsample2D(out_channels, padding=0) if resample == "down" else None
+        self.upsample = Upsample2D(out_channels) if resample == "up" else None
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        """h (b, c_in, H, W) -> (b, c_out, H', W') with H' = H/2, H or 2H."""
+        for resnet in self.resnets:
+            h = resnet(h)
+        if self.downsample is not None:
+            h = self.downsample(h)
+        if self.upsample is not None:
+            h = self.upsample(h)
+        return h
+
+
+class Encoder(nn.Module):
+    """x (b, 3, H, W) -> [mu, log sigma^2] (b, 2 * latent_channels, H / 2^(L-1), W / 2^(L-1))."""
+
+    def __init__(self, config: AutoencoderKLConfig):
+        super().__init__()
+        widths, groups, n = config.block_out_channels, config.norm_num_groups, len(config.block_out_channels)
+        self.conv_in = nn.Conv2d(config.in_channels, widths[0], kernel_size=3, padding=1)
+        self.down_blocks = nn.ModuleList(
+            ResnetLevel(widths[max(i - 1, 0)], widths[i], config.layers_per_block, groups,
+                        resample="down" if i < n - 1 else None)
+            for i in range(n))
+        self.mid_block = VAEMidBlock(widths[-1], groups, config.mid_block_add_attention)
+        self.conv_norm_out = nn.GroupNorm(groups, widths[-1], eps=1e-6)
+        self.conv_out = nn.Conv2d(widths[-1], 2 * config.latent_channels, kernel_size=3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.conv_in(x)
+        for block in self.down_blocks:
+            h = block(h)
+        h = self.mid_block(h)
+        return self.conv_out(group_norm_silu(h, self.conv_norm_out))
+
+
+class Decoder(nn.Module):
+    """z (b, latent_channels, h, w) -> x_hat (b, out_channels, h * 2^(L-1), w * 2^(L-1))."""
+
+    def __init__(self, config: AutoencoderKLConfig):
+        super().__init__()
+        widths, groups, n = config.block_out_channels[::-1], config.norm_num_groups, len(config.block_out_channels)
+        self.conv_in = nn.Conv2d(config.latent_channels, widths[0], kernel_size=3, padding=1)
+        self.mid_block = VAEMidBlock(widths[0], groups, config.mid_block_add_attention)
+        # deepest level first; each has one resnet more than the encoder's
+        self.up_blocks = nn.ModuleList(
+            ResnetLevel(widths[max(i - 1, 0)], widths[i], config.layers_per_block + 1, groups,
+                        resample="up" if i < n - 1 else None)
+            for i in range(n))
+        self.conv_norm_out = nn.GroupNorm(groups, widths[-1], eps=1e-6)
+        self.conv_out = nn.Conv2d(widths[-1], config.out_channels, kernel_size=3, padding=1)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        h = self.conv_in(z)
+        h = self.mid_block(h)
+        for block in self.up_blocks:
+            h = block(h)
+        return self.conv_out(group_norm_silu(h, self.conv_norm_out))
+
+
+class AutoencoderKL(nn.Module):
+    """The KL autoencoder: `vae.encode(x).latent_dist.sample(generator)` and `vae.decode(z).sample`.
+
+    Build from a config (`AutoencoderKL(AutoencoderKLConfig(...))` or keyword
+    arguments) or load a diffusers folder with `from_pretrained`.
+    """
+
+    def __init__(self, config: Optional[AutoencoderKLConfig] = None, **kwargs):
+        super().__init__()
+        config = AutoencoderKLConfig(**kwargs) if config is None else config
+        config.validate()
+        self.config = config
+        c = config.latent_channels
+        self.encoder = Encoder(config)
+        self.decoder = Decoder(config)
+        self.quant_conv = nn.Conv2d(2 * c, 2 * c, kernel_size=1) if config.use_quant_conv else None
+        self.post_quant_conv = nn.Conv2d(c, c, kernel_size=1) if config.use_post_quant_conv else None
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.encoder.conv_in.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.encoder.conv_in.weight.device
+
+    def encode(self, x: torch.Tensor, return_dict: bool = True
+               ) -> Union[AutoencoderKLOutput, Tuple[DiagonalGaussianDistribution]]:
+        """x (b, in_channels, H, W), pixels in [-1, 1] -> q(z | x) over z of shape (b, latent_channels, h, w)."""
+        moments = self.encoder(x)
+        if self.quant_conv is not None:
+            moments = self.quant_conv(moments)
+        posterior = DiagonalGaussianDistribution(moments)
+        return AutoencoderKLOutput(latent_dist=posterior) if return_dict else (posterior,)
+
+    def decode(self, z: torch.Tensor, return_dict: bool = True) -> Union[DecoderOutput, Tuple[torch.Tensor]]:
+        """z (b, latent_channels, h, w), unscaled (divide the UNet's latents by scaling_factor) -> x_hat in ~[-1, 1]."""
+        if self.post_quant_conv is not None:
+            z = self.post_quant_conv(z)
+        x = self.decoder(z)
+        return DecoderOutput(sample=x) if return_dict else (x,)
+
+    def forward(self, x: torch.Tensor, sample_posterior: bool = False,
+                generator: Optional[torch.Generator] = None) -> DecoderOutput:
+        """Reconstruction D(z), z ~ q(z | x) if sample_posterior else z = mu."""
+        posterior = self.encode(x).latent_dist
+        z = posterior.sample(generator) if sample_posterior else posterior.mode()
+        return self.decode(z)
+
+    @classmethod
+    def from_pretrained(cls, path: Union[str, Path], subfolder: Optional[str] = None,
+                        dtype: Optional[torch.dtype] = torch.float32) -> "AutoencoderKL":
+        """Load a diffusers AutoencoderKL folder (config.json + diffusion_pytorch_model.safetensors or .bin)."""
+        from weights_convert.diffusers_models import load_vae
+        return load_vae(path, subfolder=subfolder, dtype=dtype)
+
+    def save_pretrained(self, folder: Union[str, Path]) -> None:
+        """Write config.json and diffusion_pytorch_model.safetensors in diffusers' layout (diffusers loads it)."""
+        from weights_convert.diffusers_models import save_vae
+        save_vae(self, folder)

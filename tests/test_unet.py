@@ -1,0 +1,136 @@
+"""Tutorial §5.2, the denoiser eps_theta(z_t, t, c): our UNet against diffusers' on tiny random configs.
+
+Each reference model is built by diffusers with random weights, written with its
+`save_pretrained`, read back with our `from_pretrained`, and both are run on the
+same inputs. Tolerance: max |ours - diffusers| <= 1e-5 in float32.
+"""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from parti_from_scratch.configuration import ConfigError
+from parti_from_scratch.nn.attention import attention_backend
+from parti_from_scratch.unet import UNet2DConditionConfig, UNet2DConditionModel
+
+from diffusers_oracle import UNET_CONFIGS, diffusers, max_diff, reference, saved_reference, unet_inputs
+
+TOL = 1e-5
+
+
+@pytest.fixture(scope="module", params=sorted(UNET_CONFIGS))
+def unet_pair(request, tmp_path_factory):
+    """(name, diffusers model, ours loaded from its save_pretrained folder, latent size)."""
+    ref, folder = saved_reference("unet", request.param, tmp_path_factory)
+    return request.param, ref, UNet2DConditionModel.from_pretrained(folder), UNET_CONFIGS[request.param][1]
+
+
+@pytest.mark.parametrize("timestep", [999, 17.5, torch.tensor(0), torch.tensor([3, 780])],
+                         ids=["int", "float", "0d-tensor", "batch-tensor"])
+def test_eps_theta_matches_diffusers(unet_pair, timestep):
+    name, ref, ours, size = unet_pair
+    z, c = unet_inputs(UNET_CONFIGS[name][0], size)
+    with torch.no_grad():
+        expected = ref(z, timestep, encoder_hidden_states=c).sample
+        got = ours(z, timestep, encoder_hidden_states=c).sample
+    assert got.shape == expected.shape == z.shape
+    assert expected.abs().max() > 0.1  # a real signal, not two zero outputs
+    assert max_diff(got, expected) <= TOL
+
+
+def test_fused_and_explicit_attention_give_the_same_eps(unet_pair):
+    name, _, ours, size = unet_pair
+    z, c = unet_inputs(UNET_CONFIGS[name][0], size, seed=2)
+    with torch.no_grad():
+        with attention_backend("fused"):
+            fused = ours(z, 250, encoder_hidden_states=c).sample
+        with attention_backend("explicit"):
+            explicit = ours(z, 250, encoder_hidden_states=c).sample
+    assert max_diff(fused, explicit) <= TOL
+
+
+def test_return_dict_false_gives_a_tuple(unet_pair):
+    name, _, ours, size = unet_pair
+    z, c = unet_inputs(UNET_CONFIGS[name][0], size, batch=1)
+    with torch.no_grad():
+        (eps,) = ours(z, 10, encoder_hidden_states=c, return_dict=False)
+        assert torch.equal(eps, ours(z, 10, encoder_hidden_states=c)[0])
+
+
+@pytest.mark.parametrize("name", ["sd1-like", "sd2-like"])
+def test_save_pretrained_loads_in_diffusers(name, tmp_path):
+    kwargs, size = UNET_CONFIGS[name]
+    ours = UNet2DConditionModel(UNet2DConditionConfig(**kwargs))
+    ours.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["_class_name"] == "UNet2DConditionModel"
+    ref = diffusers.UNet2DConditionModel.from_pretrained(tmp_path).eval()
+    z, c = unet_inputs(kwargs, size)
+    with torch.no_grad():
+        assert max_diff(ours.eval()(z, 40, encoder_hidden_states=c).sample,
+                        ref(z, 40, encoder_hidden_states=c).sample) <= TOL
+
+
+def test_attention_head_dim_is_the_number_of_heads():
+    """The diffusers quirk: SD configs' `attention_head_dim` counts heads; num_attention_heads overrides it."""
+    kwargs, _ = UNET_CONFIGS["sd2-like"]
+    unet = UNet2DConditionModel(**kwargs)
+    for level, heads in enumerate((2, 4)):
+        attn = unet.down_blocks[level].attentions[0].transformer_blocks[0].attn1
+        assert attn.n_heads == heads
+    assert UNet2DConditionConfig(attention_head_dim=8, num_attention_heads=5,
+                                 block_out_channels=(320, 640, 1280, 1280)).heads == (5, 5, 5, 5)
+
+
+def test_public_attributes_the_tutorial_uses():
+    unet = UNet2DConditionModel(**UNET_CONFIGS["sd1-like"][0])
+    assert unet.in_channels == unet.config.in_channels == 4
+    assert unet.config.sample_size == 16
+
+
+def test_builds_on_the_meta_device():
+    with torch.device("meta"):
+        unet = UNet2DConditionModel(**UNET_CONFIGS["sd2-like"][0])
+    assert all(p.is_meta for p in unet.parameters())
+    assert not list(unet.buffers())
+
+
+@pytest.mark.parametrize("key,value", [("class_embed_type", "timestep"), ("addition_embed_type", "text_time"),
+                                       ("dual_cross_attention", True), ("resnet_time_scale_shift", "scale_shift"),
+                                       ("time_embedding_type", "fourier"), ("num_class_embeds", 10),
+                                       ("mid_block_type", "UNetMidBlock2DSimpleCrossAttn"),
+                                       ("encoder_hid_dim", 32), ("time_cond_proj_dim", 16)])
+def test_unsupported_config_keys_are_refused_by_name(key, value):
+    with pytest.raises(ConfigError, match=rf"some/unet/config.json: {key}="):
+        UNet2DConditionConfig.from_dict({**UNET_CONFIGS["sd1-like"][0], key: value}, source="some/unet/config.json")
+    with pytest.raises(ConfigError, match=key):
+        UNet2DConditionModel(**{**UNET_CONFIGS["sd1-like"][0], key: value})
+
+
+def test_inconsistent_block_lists_are_refused():
+    with pytest.raises(ConfigError, match="attention_head_dim"):
+        UNet2DConditionConfig.from_dict({**UNET_CONFIGS["sd1-like"][0], "attention_head_dim": [2, 4, 8]})
+    with pytest.raises(ConfigError, match="up_block_types"):
+        UNet2DConditionConfig.from_dict({**UNET_CONFIGS["sd1-like"][0], "up_block_types": ["UpBlock2D"]})
+    with pytest.raises(ConfigError, match="AttnDownBlock2D"):
+        UNet2DConditionConfig.from_dict({**UNET_CONFIGS["sd1-like"][0],
+                                         "down_block_types": ["AttnDownBlock2D", "DownBlock2D"]})
+
+
+# The full-size Stable Diffusion v1.5 architecture (860M parameters), on 8x8 latents.
+SD15 = dict(sample_size=64, block_out_channels=(320, 640, 1280, 1280), layers_per_block=2, cross_attention_dim=768,
+            attention_head_dim=8, down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+            up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3)
+
+
+@pytest.mark.slow
+def test_full_size_sd15_unet_matches_diffusers(tmp_path):
+    ref = reference("unet", SD15)
+    ref.save_pretrained(tmp_path)
+    ours = UNet2DConditionModel.from_pretrained(tmp_path)
+    z, c = unet_inputs(SD15 | {"cross_attention_dim": 768}, (8, 8), n_text=77)
+    with torch.no_grad():
+        assert max_diff(ours(z, 500, encoder_hidden_states=c).sample,
+                        ref(z, 500, encoder_hidden_states=c).sample) <= 1e-4
