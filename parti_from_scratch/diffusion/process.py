@@ -31,7 +31,7 @@ Randomness is injectable: pass `noise=` to fix it, or a `generator=`.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, List, Optional, Sequence, Tuple, Union
+from typing import Callable, Optional, Sequence, Tuple, Union
 
 import torch
 

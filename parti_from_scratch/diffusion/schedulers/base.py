@@ -25,12 +25,12 @@ import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, ClassVar, Dict, Iterator, List, Mapping, Optional, Tuple, Union
 
 import torch
 
 from ...configuration import PathLike, config_from_dict, config_to_dict, read_json
-from ..process import GeneratorArg, dynamic_threshold, expand_to, q_sample, signal_noise_scales, velocity
+from ..process import dynamic_threshold, expand_to, q_sample, signal_noise_scales, velocity
 from ..schedule import (BETA_SCHEDULES, alpha_bar_from_betas, alphas_from_betas, make_betas,
                         sigma_from_alpha_bar)
 
@@ -73,9 +73,38 @@ class SchedulerConfig:
                 raise ValueError(f"trained_betas has {len(self.trained_betas)} values, "
                                  f"num_train_timesteps={self.num_train_timesteps}")
 
+    # Besides its fields a config remembers which keys were given (the rest are this class's defaults) and
+    # the keys it does not use, carried over from the config it was built from. Converting to another
+    # scheduler passes on only those two, so a DDIM built from a PNDM config gets DDIM's own default for a
+    # key the PNDM config left unset, and keeps a `clip_sample` the PNDM config carried (as the reference does).
+    @property
+    def given(self) -> frozenset:
+        """Names of the fields that were set explicitly."""
+        return self.__dict__.get("_given", frozenset())
+
+    @property
+    def carried(self) -> Dict[str, Any]:
+        """Keys this scheduler does not use, kept from the config it was built from."""
+        return self.__dict__.get("_carried", {})
+
+    def __getattr__(self, name: str) -> Any:
+        carried = self.__dict__.get("_carried", {})
+        if name in carried:
+            return carried[name]
+        raise AttributeError(f"{type(self).__name__} has no key {name!r}")
+
+    def to_dict(self) -> dict:
+        """Every key, as save_pretrained writes it."""
+        return {**json.loads(json.dumps(self.carried)), **config_to_dict(self)}
+
+    def inherited_dict(self) -> dict:
+        """What another scheduler's from_config takes from this one: the given keys and the carried ones."""
+        fields = config_to_dict(self)
+        return {**self.carried, **{k: v for k, v in fields.items() if k in self.given}}
+
     # read like the reference's FrozenDict: config["key"], dict(config), config.keys()
     def keys(self) -> List[str]:
-        return [f.name for f in dataclasses.fields(self)]
+        return [f.name for f in dataclasses.fields(self)] + [k for k in self.carried if k not in self.__dict__]
 
     def __getitem__(self, key: str) -> Any:
         if key not in self.keys():
@@ -86,13 +115,10 @@ class SchedulerConfig:
         return key in self.keys()
 
     def get(self, key: str, default: Any = None) -> Any:
-        return getattr(self, key) if key in self.keys() else default
+        return self[key] if key in self.keys() else default
 
     def items(self) -> Iterator[Tuple[str, Any]]:
-        return ((k, getattr(self, k)) for k in self.keys())
-
-    def to_dict(self) -> dict:
-        return config_to_dict(self)
+        return ((k, self[k]) for k in self.keys())
 
 
 @dataclass
@@ -176,11 +202,14 @@ class DiffusionScheduler:
                             f"(from_config ignores unknown keys)")
         self.config = config_from_dict(self.config_class, config, source=type(self).__name__,
                                        unsupported=self.config_class.unsupported)
+        self.config._given = frozenset(k for k in config if k in names)
         c = self.config
         self.betas = make_betas(c.beta_schedule, c.num_train_timesteps, c.beta_start, c.beta_end, c.trained_betas,
                                 getattr(c, "rescale_betas_zero_snr", False))
         self.alphas = alphas_from_betas(self.betas)
         self.alpha_bar = alpha_bar_from_betas(self.betas)
+        # alpha_bar "before" t = 0, used when a step lands below t = 0: 1, or alpha_bar_0 if set_alpha_to_one is False
+        self.final_alpha_cumprod = torch.tensor(1.0) if getattr(c, "set_alpha_to_one", True) else self.alpha_bar[0]
         self.num_inference_steps: Optional[int] = None
         self.timesteps: Optional[torch.Tensor] = torch.arange(c.num_train_timesteps - 1, -1, -1,
                                                               dtype=self.timestep_dtype)
@@ -189,11 +218,22 @@ class DiffusionScheduler:
 
     @classmethod
     def from_config(cls, config: Union[Mapping[str, Any], SchedulerConfig], **overrides: Any) -> "DiffusionScheduler":
-        """Build from a config dict (or another scheduler's `.config`); keys this scheduler lacks are ignored."""
-        values = config.to_dict() if isinstance(config, SchedulerConfig) else dict(config)
+        """Build from a config dict (or another scheduler's `.config`); keys this scheduler lacks are ignored.
+
+        Keys a reference config lists in `_use_default_values` were defaults of its class and are
+        not inherited; likewise only the explicitly set keys of one of our configs are.
+        """
+        if isinstance(config, SchedulerConfig):
+            values = config.inherited_dict()
+        else:
+            values = dict(config)
+            defaults = set(values.pop("_use_default_values", None) or ())
+            values = {k: v for k, v in values.items() if k not in defaults}
         values.update(overrides)
         names = {f.name for f in dataclasses.fields(cls.config_class)} | set(cls.config_class.unsupported)
-        return cls(**{k: v for k, v in values.items() if k in names})
+        scheduler = cls(**{k: v for k, v in values.items() if k in names})
+        scheduler.config._carried = {k: v for k, v in values.items() if k not in names and not k.startswith("_")}
+        return scheduler
 
     @classmethod
     def from_pretrained(cls, path: PathLike, subfolder: Optional[str] = None) -> "DiffusionScheduler":
@@ -235,11 +275,20 @@ class DiffusionScheduler:
                 or not 1 <= num_inference_steps <= T:
             raise ValueError(f"num_inference_steps must be an integer from 1 to num_train_timesteps={T}, "
                              f"got {num_inference_steps!r}")
+        timesteps = self._make_timesteps(num_inference_steps)
+        if len(timesteps) and (timesteps.max() > T - 1 or timesteps.min() < 0):
+            raise ValueError(f"num_inference_steps={num_inference_steps} with timestep_spacing="
+                             f"{self.config.timestep_spacing!r} and steps_offset={self.config.steps_offset} gives "
+                             f"timesteps outside [0, {T - 1}]: {_short(timesteps)}")
         self.num_inference_steps = num_inference_steps
-        self.timesteps = self._make_timesteps(num_inference_steps).to(device)
+        self.timesteps = timesteps.to(device)
 
     def _make_timesteps(self, num_inference_steps: int) -> torch.Tensor:
-        raise NotImplementedError
+        return self._spaced(num_inference_steps).to(self.timestep_dtype)
+
+    def alpha_bar_prev(self, prev_t: int) -> torch.Tensor:
+        """alpha_bar at the timestep a step lands on; `final_alpha_cumprod` below t = 0."""
+        return self.alpha_bar[prev_t] if prev_t >= 0 else self.final_alpha_cumprod
 
     def _spaced(self, num_steps: int, **kwargs: Any) -> torch.Tensor:
         c = self.config

@@ -33,17 +33,6 @@ class DDIMScheduler(DiffusionScheduler):
     """DDIM sampling (eta = 0 deterministic); `from_config` / `from_pretrained` take diffusers DDIMScheduler configs."""
     config_class: ClassVar[type] = DDIMConfig
 
-    def __init__(self, **config):
-        super().__init__(**config)
-        # alpha_bar "before" t = 0, used when t' < 0
-        self.final_alpha_cumprod = torch.tensor(1.0) if self.config.set_alpha_to_one else self.alpha_bar[0]
-
-    def _make_timesteps(self, num_inference_steps: int) -> torch.Tensor:
-        return self._spaced(num_inference_steps).to(torch.int64)
-
-    def _alpha_bar_prev(self, prev_t: int) -> torch.Tensor:
-        return self.alpha_bar[prev_t] if prev_t >= 0 else self.final_alpha_cumprod
-
     def step(self, model_output: torch.Tensor, timestep: Timestep, sample: torch.Tensor, eta: float = 0.0,
              use_clipped_model_output: bool = False, generator=None, variance_noise: Optional[torch.Tensor] = None,
              return_dict: bool = True):
@@ -54,7 +43,7 @@ class DDIMScheduler(DiffusionScheduler):
             raise ValueError("pass either generator or variance_noise, not both")
         t = int(timestep)
         prev_t = t - self.config.num_train_timesteps // self.num_inference_steps
-        alpha_bar_t, alpha_bar_prev = self.alpha_bar[t], self._alpha_bar_prev(prev_t)
+        alpha_bar_t, alpha_bar_prev = self.alpha_bar[t], self.alpha_bar_prev(prev_t)
         signal, noise_scale = signal_noise_scales(alpha_bar_t)
         pred_x0 = predict_x0(model_output, sample, signal, noise_scale, self.config.prediction_type)
         pred_eps = predict_eps(model_output, sample, signal, noise_scale, self.config.prediction_type)

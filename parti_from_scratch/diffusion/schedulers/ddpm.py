@@ -14,7 +14,7 @@ All of it is `process.p_sample`; this class picks alpha_bar_t and alpha_bar_{t'}
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar, Optional
+from typing import ClassVar
 
 import torch
 
@@ -34,13 +34,6 @@ class DDPMScheduler(DiffusionScheduler):
     """Ancestral DDPM sampling; `from_config` / `from_pretrained` take diffusers DDPMScheduler configs."""
     config_class: ClassVar[type] = DDPMConfig
 
-    def __init__(self, **config):
-        super().__init__(**config)
-        self.one = torch.tensor(1.0)
-
-    def _make_timesteps(self, num_inference_steps: int) -> torch.Tensor:
-        return self._spaced(num_inference_steps).to(torch.int64)
-
     def previous_timestep(self, timestep: Timestep) -> int:
         """t', the timestep after `timestep` in the schedule, or -1 after the last one."""
         index = int((self.timesteps == torch.as_tensor(timestep, device=self.timesteps.device)).nonzero()[0])
@@ -56,9 +49,8 @@ class DDPMScheduler(DiffusionScheduler):
         if self.config.variance_type in ("learned", "learned_range") and model_output.shape[1] == 2 * sample.shape[1]:
             # (B, 2C, H, W) -> eps_theta (B, C, H, W) and the variance output v (B, C, H, W)
             model_output, predicted_variance = torch.split(model_output, sample.shape[1], dim=1)
-        alpha_bar_t = self.alpha_bar[t]
-        # alpha_bar_{t'}, 1 after the last step
-        alpha_bar_prev = self.alpha_bar[prev_t] if prev_t >= 0 else self.one
+        # alpha_bar_t and alpha_bar_{t'} (1 after the last step)
+        alpha_bar_t, alpha_bar_prev = self.alpha_bar[t], self.alpha_bar_prev(prev_t)
         prev_sample, pred_x0 = p_sample(model_output, sample, alpha_bar_t, alpha_bar_prev,
                                         self.config.prediction_type, self.config.variance_type, predicted_variance,
                                         x0_transform=self._clip_x0, add_noise=t > 0, generator=generator)

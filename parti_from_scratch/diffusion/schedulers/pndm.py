@@ -52,7 +52,6 @@ class PNDMScheduler(DiffusionScheduler):
 
     def __init__(self, **config):
         super().__init__(**config)
-        self.final_alpha_cumprod = torch.tensor(1.0) if self.config.set_alpha_to_one else self.alpha_bar[0]
         self.timesteps = None
         self._reset()
 
@@ -64,13 +63,13 @@ class PNDMScheduler(DiffusionScheduler):
         self.prk_timesteps = torch.zeros(0, dtype=torch.int64)
 
     def set_timesteps(self, num_inference_steps: int, device=None) -> None:
-        if not self.config.skip_prk_steps and isinstance(num_inference_steps, int) and num_inference_steps < 4:
-            raise ValueError(f"num_inference_steps must be at least 4 with skip_prk_steps=False (the Runge-Kutta "
-                             f"warm-up takes 3 steps), got {num_inference_steps}")
         self._reset()
         super().set_timesteps(num_inference_steps, device)
 
     def _make_timesteps(self, num_inference_steps: int) -> torch.Tensor:
+        if not self.config.skip_prk_steps and num_inference_steps < 4:
+            raise ValueError(f"num_inference_steps must be at least 4 with skip_prk_steps=False (the Runge-Kutta "
+                             f"warm-up takes 3 steps), got {num_inference_steps}")
         ascending = self._spaced(num_inference_steps).flip(0).to(torch.int64)      # t_0 < t_1 < ... < t_{N-1}
         if self.config.skip_prk_steps:
             # t_{N-1}, t_{N-2}, t_{N-2} (the Heun correction), t_{N-3}, ..., t_0
@@ -88,8 +87,7 @@ class PNDMScheduler(DiffusionScheduler):
 
     def _transfer(self, sample: torch.Tensor, t: int, prev_t: int, eps: torch.Tensor) -> torch.Tensor:
         """phi(x_t, e, t, t') of Liu Eq. 9 (module docstring)."""
-        alpha_bar_t = self.alpha_bar[t]
-        alpha_bar_prev = self.alpha_bar[prev_t] if prev_t >= 0 else self.final_alpha_cumprod
+        alpha_bar_t, alpha_bar_prev = self.alpha_bar[t], self.alpha_bar_prev(prev_t)
         if self.config.prediction_type == "v_prediction":
             eps = predict_eps(eps, sample, *signal_noise_scales(alpha_bar_t), "v_prediction")
         # sqrt(alpha_bar_{t'} / alpha_bar_t)
