@@ -86,7 +86,7 @@ IGNORED: Tuple[Tuple[str, str], ...] = (
                        "files already hold the EMA weights under model.diffusion_model"),
     (r"betas|alphas_cumprod|alphas_cumprod_prev|sqrt_\w+|log_one_minus_alphas_cumprod|posterior_\w+",
      "the noise schedule beta_t and quantities derived from it, which the scheduler recomputes from its config "
-     "(`betas` is checked against that config)"),
+     "(`betas`, when present, sets that config: see _scheduler_config)"),
     (r"logvar", "LDM's learned log-variance weighting of the training loss, unused in sampling"),
     (r"first_stage_model\.loss\..+", "the autoencoder's training loss (LPIPS network, discriminator)"),
     (re.escape(HF_CLIP) + r"text_model\.embeddings\.position_ids", "the buffer 0..76, recomputed by the model"),
