@@ -7,10 +7,10 @@ ModelCheckpoint`), numpy scalars, sets. `weights_only=True` refuses every such
 global, so the tensors in the same file cannot be reached.
 
 Why it is safe: a pickle is a small program. The only opcodes that can run
-code are those that *call* something (REDUCE, INST, OBJ, NEWOBJ), and the
-only way a pickle obtains something to call is `find_class(module, name)`.
-Ours never imports and never returns a real callable outside a short
-allow-list:
+code are those that call something (REDUCE, INST, OBJ, NEWOBJ; BUILD calls
+the new object's `__setstate__`), and the only way a pickle obtains something
+to call is `find_class(module, name)`. Ours never imports and never returns a
+real callable outside a short allow-list:
 
 * tensor rebuilding: `torch._utils._rebuild_tensor_v2` (and its relatives),
   re-implemented here on the storages of the zip archive; the
