@@ -166,6 +166,17 @@ def test_cross_scheduler_from_config(name, config):
 
 
 @pytest.mark.parametrize("name", NAMES)
+def test_carried_keys_do_not_change_a_sampler(name):
+    """Keys another sampler's config carries (DDIM's clip_sample, set_alpha_to_one) pass through unused."""
+    source = dict(clip_sample=True, clip_sample_range=0.5, set_alpha_to_one=False, timestep_spacing="trailing")
+    mine = getattr(ours, name).from_config(ours.DDIMScheduler(**source).config)
+    ref = getattr(diffusers, name).from_config(diffusers.DDIMScheduler(**source).config)
+    if name not in ("DDPMScheduler", "DDIMScheduler"):
+        assert mine.config.clip_sample is True and "clip_sample" in mine.config.keys()
+    run_pair(mine, ref, 7, F64)
+
+
+@pytest.mark.parametrize("name", NAMES)
 def test_save_pretrained_is_read_by_diffusers(name, tmp_path):
     config = dict(SD_BETAS, prediction_type="v_prediction", timestep_spacing="trailing")
     mine = getattr(ours, name)(**config)
@@ -343,6 +354,15 @@ def test_add_noise_matches_diffusers(name, dtype):
     if name in ("DDPMScheduler", "DDIMScheduler"):
         got, expected = mine.get_velocity(x0, noise, timesteps), ref.get_velocity(x0, noise, timesteps)
         assert (got - expected).abs().max() <= (1e-6 if dtype == F32 else 1e-14)
+
+
+def test_dpm_add_noise_before_set_timesteps_is_the_forward_process():
+    """Before set_timesteps the sigma table covers all T steps: x_t = alpha_t x_0 + sigma_t eps, as DDPM's add_noise."""
+    g = torch.Generator().manual_seed(0)
+    x0, noise = torch.randn(4, 4, 8, 8, generator=g), torch.randn(4, 4, 8, 8, generator=g)
+    t = torch.tensor([0, 10, 500, 999])
+    torch.testing.assert_close(ours.DPMSolverMultistepScheduler().add_noise(x0, noise, t),
+                               ours.DDPMScheduler().add_noise(x0, noise, t), rtol=0, atol=2e-6)
 
 
 @pytest.mark.parametrize("spacing", ["leading", "trailing", "linspace"])

@@ -87,6 +87,10 @@ class SchedulerConfig:
         """Keys this scheduler does not use, kept from the config it was built from."""
         return self.__dict__.get("_carried", {})
 
+    def option(self, name: str, default: Any) -> Any:
+        """The field `name` if this config has it, else `default` (carried keys are never options)."""
+        return getattr(self, name) if name in self.__dataclass_fields__ else default
+
     def __getattr__(self, name: str) -> Any:
         carried = self.__dict__.get("_carried", {})
         if name in carried:
@@ -205,11 +209,11 @@ class DiffusionScheduler:
         self.config._given = frozenset(k for k in config if k in names)
         c = self.config
         self.betas = make_betas(c.beta_schedule, c.num_train_timesteps, c.beta_start, c.beta_end, c.trained_betas,
-                                getattr(c, "rescale_betas_zero_snr", False))
+                                c.option("rescale_betas_zero_snr", False))
         self.alphas = alphas_from_betas(self.betas)
         self.alpha_bar = alpha_bar_from_betas(self.betas)
         # alpha_bar "before" t = 0, used when a step lands below t = 0: 1, or alpha_bar_0 if set_alpha_to_one is False
-        self.final_alpha_cumprod = torch.tensor(1.0) if getattr(c, "set_alpha_to_one", True) else self.alpha_bar[0]
+        self.final_alpha_cumprod = torch.tensor(1.0) if c.option("set_alpha_to_one", True) else self.alpha_bar[0]
         self.num_inference_steps: Optional[int] = None
         self.timesteps: Optional[torch.Tensor] = torch.arange(c.num_train_timesteps - 1, -1, -1,
                                                               dtype=self.timestep_dtype)
@@ -308,9 +312,9 @@ class DiffusionScheduler:
     def _clip_x0(self, pred_x0: torch.Tensor) -> torch.Tensor:
         """Threshold or clip x0_theta as the config asks (no-op for Stable Diffusion configs)."""
         c = self.config
-        if getattr(c, "thresholding", False):
+        if c.option("thresholding", False):
             return dynamic_threshold(pred_x0, c.dynamic_thresholding_ratio, c.sample_max_value)
-        if getattr(c, "clip_sample", False):
+        if c.option("clip_sample", False):
             return pred_x0.clamp(-c.clip_sample_range, c.clip_sample_range)
         return pred_x0
 
@@ -355,7 +359,7 @@ class SigmaScheduler(DiffusionScheduler):
 
     def __init__(self, **config: Any):
         super().__init__(**config)
-        if getattr(self.config, "rescale_betas_zero_snr", False):
+        if self.config.option("rescale_betas_zero_snr", False):
             # alpha_bar_T = 0 would make sigma_T infinite; use the smallest float32 step above 0 instead
             self.alpha_bar[-1] = 2 ** -24
         self.sigmas = torch.cat([sigma_from_alpha_bar(self.alpha_bar).flip(0), torch.zeros(1)])

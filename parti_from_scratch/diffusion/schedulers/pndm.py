@@ -37,6 +37,7 @@ import torch
 from ..process import predict_eps, signal_noise_scales
 from .base import DiffusionScheduler, SchedulerConfig, SchedulerOutput, Timestep
 
+
 @dataclass
 class PNDMConfig(SchedulerConfig):
     skip_prk_steps: bool = False                     # True: PLMS (Euler + Heun start); False: Runge-Kutta warm-up
