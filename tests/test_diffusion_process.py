@@ -6,7 +6,7 @@ import torch
 
 from parti_from_scratch.diffusion.process import (dynamic_threshold, l_simple, p_mean_variance, p_sample,
                                                   posterior_coefficients, predict_eps, predict_x0, q_mean_variance,
-                                                  q_posterior, q_sample, q_sample_step, q_step_mean_variance,
+                                                  q_posterior, q_sample, q_sample_step, q_step_mean_variance, randn,
                                                   reverse_variance, signal_noise_scales, velocity)
 from parti_from_scratch.diffusion.schedule import alpha_bar_from_betas, make_betas
 
@@ -284,6 +284,15 @@ def test_dynamic_threshold_saharia_et_al():
     out = dynamic_threshold(x, 1.0, 10.0)
     torch.testing.assert_close(out[0], x[0])            # s clamps up to 1: unchanged
     torch.testing.assert_close(out[1], x[1] / 4.0)
+
+
+def test_noise_from_one_generator_per_sample():
+    """A list of generators draws each batch element from its own, so one sample can be reproduced alone."""
+    batch = randn((3, 2, 4), [torch.Generator().manual_seed(s) for s in (5, 6, 7)], torch.float32)
+    alone = randn((1, 2, 4), torch.Generator().manual_seed(6), torch.float32)
+    assert torch.equal(batch[1:2], alone)
+    with pytest.raises(ValueError, match="2 generators for a batch of 3"):
+        randn((3, 2), [torch.Generator(), torch.Generator()])
 
 
 def test_bad_prediction_and_variance_types_are_rejected():
