@@ -57,7 +57,7 @@ def load_pipeline_components(path: Union[str, Path], version: Optional[str] = No
 def load_diffusers_pipeline(folder: Path, dtype: torch.dtype = torch.float32) -> Dict[str, Any]:
     from parti_from_scratch.clip.model import CLIPTextModel
     from parti_from_scratch.clip.tokenizer import CLIPTokenizer
-    from parti_from_scratch.diffusion.schedulers import scheduler_class_from_name
+    from parti_from_scratch.diffusion.schedulers import SCHEDULERS
     from parti_from_scratch.unet import UNet2DConditionModel
     from parti_from_scratch.vae import AutoencoderKL
 
@@ -73,7 +73,11 @@ def load_diffusers_pipeline(folder: Path, dtype: torch.dtype = torch.float32) ->
     scheduler_entry = index["scheduler"]
     if not (isinstance(scheduler_entry, list) and len(scheduler_entry) == 2):
         raise NotAPipelineError(f"{index_file}: 'scheduler' should be [library, class name], got {scheduler_entry!r}")
-    scheduler_cls = scheduler_class_from_name(scheduler_entry[1])
+    by_class_name = {cls.__name__: cls for cls in SCHEDULERS.values()}
+    if scheduler_entry[1] not in by_class_name:
+        raise NotAPipelineError(f"{index_file}: scheduler {scheduler_entry[1]!r} is not supported; "
+                                f"supported: {', '.join(sorted(by_class_name))}")
+    scheduler_cls = by_class_name[scheduler_entry[1]]
     parts: Dict[str, Any] = {
         "tokenizer": CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer"),
         "text_encoder": CLIPTextModel.from_pretrained(folder, subfolder="text_encoder", dtype=dtype),

@@ -1,0 +1,161 @@
+"""End-to-end parity (tutorial §5.3): tiny Stable Diffusion pipelines built with diffusers, saved, loaded
+through our converters, generating from the same initial latents. Images in [0, 1]; tolerance 1e-4."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from parti_from_scratch import TextToImagePipeline
+
+TOL = 1e-4
+PROMPTS = ["a red circle on the left", "an astronaut riding a horse on mars, 4k, detailed"]
+
+SD1 = dict(
+    unet=dict(block_out_channels=(32, 64), layers_per_block=2, sample_size=8, in_channels=4, out_channels=4,
+              down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+              up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=32, attention_head_dim=4,
+              norm_num_groups=16),
+    text=dict(hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=2,
+              hidden_act="quick_gelu", projection_dim=32),
+    prediction_type="epsilon",
+)
+SD2 = dict(
+    unet=dict(block_out_channels=(32, 64), layers_per_block=1, sample_size=8, in_channels=4, out_channels=4,
+              down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+              up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=48,
+              attention_head_dim=(2, 4), use_linear_projection=True, upcast_attention=True, norm_num_groups=16),
+    text=dict(hidden_size=48, intermediate_size=64, num_attention_heads=4, num_hidden_layers=3, hidden_act="gelu",
+              projection_dim=48),
+    prediction_type="v_prediction",
+)
+
+
+def build_reference_pipeline(folder, spec, clip_vocab_dir, seed=0):
+    """A tiny random diffusers StableDiffusionPipeline with CLIP's real vocabulary, saved to `folder`."""
+    from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(**spec["unet"])
+    vae = AutoencoderKL(block_out_channels=(16, 16, 32, 32), in_channels=3, out_channels=3, latent_channels=4,
+                        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+                        norm_num_groups=8, layers_per_block=1, sample_size=64)
+    text_encoder = CLIPTextModel(CLIPTextConfig(vocab_size=49408, max_position_embeddings=77, bos_token_id=49406,
+                                                eos_token_id=49407, pad_token_id=49407, **spec["text"]))
+    # random init leaves outputs tiny; scale the UNet's output layer so the samplers move visibly
+    with torch.no_grad():
+        unet.conv_out.weight.mul_(1)
+    tokenizer = CLIPTokenizer(str(clip_vocab_dir / "vocab.json"), str(clip_vocab_dir / "merges.txt"),
+                              model_max_length=77)
+    scheduler = PNDMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                              num_train_timesteps=1000, skip_prk_steps=True, steps_offset=1, set_alpha_to_one=False,
+                              prediction_type=spec["prediction_type"])
+    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+                                   scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.save_pretrained(folder)
+    # Stable Diffusion v1.5's scheduler_config.json also carries "clip_sample": false, a key PNDM itself
+    # ignores but DDIM inherits through from_config
+    config_file = folder / "scheduler" / "scheduler_config.json"
+    config_file.write_text(json.dumps({**json.loads(config_file.read_text()), "clip_sample": False}))
+    pipe.folder = str(folder)
+    return pipe
+
+
+@pytest.fixture(scope="module", params=["sd1", "sd2"])
+def pipelines(request, tmp_path_factory, clip_vocab_dir):
+    spec = SD1 if request.param == "sd1" else SD2
+    folder = tmp_path_factory.mktemp(request.param)
+    ref = build_reference_pipeline(folder, spec, clip_vocab_dir)
+    ours = TextToImagePipeline.from_pretrained(folder)
+    return ref, ours
+
+
+SCHEDULERS = {"pndm": "PNDMScheduler", "ddim": "DDIMScheduler", "euler": "EulerDiscreteScheduler",
+              "dpm": "DPMSolverMultistepScheduler"}
+
+
+def _swap_scheduler(ref, name):
+    """Give the reference the sampler `name`, built from the pipeline's saved (PNDM) config file as ours is."""
+    import diffusers
+    config = diffusers.PNDMScheduler.load_config(ref.folder, subfolder="scheduler")
+    ref.scheduler = getattr(diffusers, SCHEDULERS[name]).from_config(config)
+
+
+# (scheduler, guidance scale, negative prompt, height, width): every sampler with guidance and a negative
+# prompt; guidance off; plain guidance; a non-square size whose latents (6 x 10) are not a power of two
+CASES = [(name, 7.5, "blurry, low quality", 64, 64) for name in sorted(SCHEDULERS)] + [
+    ("pndm", 1.0, None, 64, 64), ("euler", 7.5, None, 64, 64), ("dpm", 5.0, None, 48, 80), ("ddim", 7.5, None, 48, 80)]
+
+
+@pytest.mark.parametrize("scheduler,guidance_scale,negative,height,width", CASES)
+def test_text_to_image_matches_diffusers(pipelines, scheduler, guidance_scale, negative, height, width):
+    ref, ours = pipelines
+    _swap_scheduler(ref, scheduler)
+    latents = torch.randn((2, 4, height // 8, width // 8), generator=torch.Generator().manual_seed(1))
+    negative_prompt = None if negative is None else [negative] * 2
+    kw = dict(num_inference_steps=6, guidance_scale=guidance_scale, height=height, width=width, output_type="np")
+    expected = ref(PROMPTS, negative_prompt=negative_prompt, latents=latents.clone(), **kw).images
+    got = ours(PROMPTS, negative_prompt=negative_prompt, latents=latents.clone(), scheduler=scheduler,
+               progress=False, **kw).images
+    assert got.shape == expected.shape
+    diff = np.abs(got - expected).max()
+    assert diff <= TOL, f"{scheduler} g={guidance_scale} {height}x{width}: max abs diff {diff:.2e}"
+    assert expected.std() > 1e-3  # the images are not constant: the comparison means something
+
+
+@pytest.mark.parametrize("scheduler", ["pndm", "ddim", "euler", "dpm"])
+def test_image_to_image_matches_diffusers(pipelines, scheduler):
+    from diffusers import StableDiffusionImg2ImgPipeline
+    ref, ours = pipelines
+    _swap_scheduler(ref, scheduler)
+    img2img = StableDiffusionImg2ImgPipeline(**ref.components)
+    img2img.set_progress_bar_config(disable=True)
+    init = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(2))
+    kw = dict(num_inference_steps=8, strength=0.6, guidance_scale=7.5, output_type="np")
+    expected = img2img(PROMPTS[0], image=init, generator=torch.Generator().manual_seed(3), **kw).images
+    got = ours(PROMPTS[0], image=init, generator=torch.Generator().manual_seed(3), scheduler=scheduler,
+               progress=False, **kw).images
+    diff = np.abs(got - expected).max()
+    assert diff <= TOL, f"img2img {scheduler}: max abs diff {diff:.2e}"
+
+
+def test_same_seed_gives_identical_images(pipelines):
+    _, ours = pipelines
+    kw = dict(num_inference_steps=4, guidance_scale=7.5, output_type="np", progress=False)
+    a = ours(PROMPTS[0], generator=torch.Generator().manual_seed(5), **kw).images
+    b = ours(PROMPTS[0], generator=torch.Generator().manual_seed(5), **kw).images
+    assert np.array_equal(a, b)
+
+
+def test_image_does_not_depend_on_the_rest_of_the_batch(pipelines):
+    _, ours = pipelines
+    kw = dict(num_inference_steps=4, guidance_scale=7.5, output_type="np", progress=False)
+    alone = ours(PROMPTS[0], generator=[torch.Generator().manual_seed(7)], **kw).images
+    batch = ours([PROMPTS[1], PROMPTS[0]], generator=[torch.Generator().manual_seed(9),
+                                                       torch.Generator().manual_seed(7)], **kw).images
+    assert np.abs(batch[1] - alone[0]).max() <= 1e-5
+
+
+def test_components_are_attributes(pipelines):
+    _, ours = pipelines
+    for name in ("tokenizer", "text_encoder", "unet", "vae", "scheduler"):
+        assert getattr(ours, name) is not None
+    assert ours.vae_scale_factor == 8
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    (dict(height=60), "multiples of 8"),
+    (dict(num_inference_steps=0), "num_inference_steps"),
+    (dict(guidance_scale=-1.0), "guidance_scale"),
+    (dict(output_type="jpeg"), "output_type"),
+    (dict(scheduler="heun"), "unknown scheduler"),
+])
+def test_bad_arguments_are_refused(pipelines, kwargs, message):
+    _, ours = pipelines
+    with pytest.raises(ValueError, match=message):
+        ours(PROMPTS[0], progress=False, **kwargs)
