@@ -151,7 +151,8 @@ class TextToImagePipeline:
     @classmethod
     def from_pretrained(cls, path: Union[str, Path, None] = None, *, version: Optional[str] = None,
                         prediction_type: Optional[str] = None, dtype: torch.dtype = torch.float32,
-                        vae: Union[str, Path, None] = None) -> "TextToImagePipeline":
+                        vae: Union[str, Path, None] = None,
+                        configs: Optional[dict] = None) -> "TextToImagePipeline":
         """Load a pipeline from a diffusers folder, a single-file checkpoint, or (no path) the shipped model.
 
         path: a folder with `model_index.json` (diffusers layout, what `save_pretrained` writes
@@ -160,11 +161,13 @@ class TextToImagePipeline:
         version / prediction_type: for single files only ("1" or "2"; "epsilon"/"v_prediction"),
             when they cannot be inferred from the tensors.
         vae: optionally a standalone diffusers VAE folder (e.g. sd-vae-ft-mse) replacing the pipeline's.
+        configs: for single files only, config values that override what is inferred from the
+            tensors, per component, e.g. {"unet": {"attention_head_dim": 8}}.
         """
         from weights_convert.pipeline_loader import load_pipeline_components
 
         parts = load_pipeline_components(DEFAULT_MODEL_DIR if path is None else path, version=version,
-                                         prediction_type=prediction_type, dtype=dtype)
+                                         prediction_type=prediction_type, dtype=dtype, configs=configs)
         if vae is not None:
             from parti_from_scratch.vae import AutoencoderKL
             parts["vae"] = AutoencoderKL.from_pretrained(vae, dtype=dtype)

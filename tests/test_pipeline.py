@@ -21,6 +21,7 @@ SD1 = dict(
     text=dict(hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=2,
               hidden_act="quick_gelu", projection_dim=32),
     prediction_type="epsilon",
+    tokenizer={},
 )
 SD2 = dict(
     unet=dict(block_out_channels=(32, 64), layers_per_block=1, sample_size=8, in_channels=4, out_channels=4,
@@ -30,6 +31,7 @@ SD2 = dict(
     text=dict(hidden_size=48, intermediate_size=64, num_attention_heads=4, num_hidden_layers=3, hidden_act="gelu",
               projection_dim=48),
     prediction_type="v_prediction",
+    tokenizer=dict(pad_token="!"),     # SD 2.x tokenizers pad with "!" (id 0), as OpenCLIP does
 )
 
 
@@ -49,7 +51,7 @@ def build_reference_pipeline(folder, spec, clip_vocab_dir, seed=0):
     with torch.no_grad():
         unet.conv_out.weight.mul_(1)
     tokenizer = CLIPTokenizer(str(clip_vocab_dir / "vocab.json"), str(clip_vocab_dir / "merges.txt"),
-                              model_max_length=77)
+                              model_max_length=77, **spec["tokenizer"])
     scheduler = PNDMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                               num_train_timesteps=1000, skip_prk_steps=True, steps_offset=1, set_alpha_to_one=False,
                               prediction_type=spec["prediction_type"])
@@ -72,6 +74,7 @@ def pipelines(request, tmp_path_factory, clip_vocab_dir):
     folder = tmp_path_factory.mktemp(request.param)
     ref = build_reference_pipeline(folder, spec, clip_vocab_dir)
     ours = TextToImagePipeline.from_pretrained(folder)
+    ref.version = request.param[-1]
     return ref, ours
 
 
@@ -159,3 +162,28 @@ def test_bad_arguments_are_refused(pipelines, kwargs, message):
     _, ours = pipelines
     with pytest.raises(ValueError, match=message):
         ours(PROMPTS[0], progress=False, **kwargs)
+
+
+def test_single_file_checkpoint_matches_diffusers(pipelines, tmp_path):
+    """The reference pipeline's weights exported to one LDM-layout file (an exporter validated against
+    diffusers' own single-file loader in test_weights_convert_ldm.py) load into our pipeline and generate the
+    same images. Head and group counts of these tiny models are not SD's: they are given as config overrides."""
+    from weights_convert.ldm_checkpoint import diffusers_to_ldm, save_ldm_checkpoint
+    ref, _ = pipelines
+    path = tmp_path / "tiny-sd.safetensors"
+    save_ldm_checkpoint(path, ref.unet.state_dict(), ref.vae.state_dict(), ref.text_encoder.state_dict(),
+                        ref.version)
+    heads = ref.unet.config.attention_head_dim
+    ours = TextToImagePipeline.from_pretrained(
+        path, prediction_type=ref.scheduler.config.prediction_type,
+        configs={"unet": {"attention_head_dim": list(heads) if isinstance(heads, (list, tuple)) else heads,
+                          "norm_num_groups": ref.unet.config.norm_num_groups},
+                 "vae": {"norm_num_groups": ref.vae.config.norm_num_groups},
+                 "text_encoder": {"num_attention_heads": ref.text_encoder.config.num_attention_heads}})
+    _swap_scheduler(ref, "pndm")
+    latents = torch.randn((2, 4, 8, 8), generator=torch.Generator().manual_seed(4))
+    kw = dict(num_inference_steps=6, guidance_scale=7.5, output_type="np")
+    expected = ref(PROMPTS, latents=latents.clone(), **kw).images
+    got = ours(PROMPTS, latents=latents.clone(), progress=False, **kw).images
+    diff = np.abs(got - expected).max()
+    assert diff <= TOL, f"single file: max abs diff {diff:.2e}"

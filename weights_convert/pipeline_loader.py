@@ -37,7 +37,7 @@ class NotAPipelineError(ConfigError):
 
 def load_pipeline_components(path: Union[str, Path], version: Optional[str] = None,
                              prediction_type: Optional[str] = None,
-                             dtype: torch.dtype = torch.float32) -> Dict[str, Any]:
+                             dtype: torch.dtype = torch.float32, configs: Optional[dict] = None) -> Dict[str, Any]:
     """Our tokenizer, text_encoder, unet, vae and scheduler for `path` (folder or single file)."""
     path = Path(path)
     if not path.exists():
@@ -47,10 +47,14 @@ def load_pipeline_components(path: Union[str, Path], version: Optional[str] = No
             raise NotAPipelineError(f"{path}: not a Stable Diffusion checkpoint (expected one of "
                                     f"{', '.join(SINGLE_FILE_SUFFIXES)} or a diffusers folder)")
         from weights_convert.ldm_checkpoint import load_single_file_components
-        return load_single_file_components(path, version=version, prediction_type=prediction_type, dtype=dtype)
+        return load_single_file_components(path, version=version, prediction_type=prediction_type, dtype=dtype,
+                                           configs=configs)
     index_file = path / "model_index.json"
     if not index_file.is_file():
         raise NotAPipelineError(f"{path}: not a Stable Diffusion pipeline folder (no model_index.json)")
+    if version is not None or prediction_type is not None or configs is not None:
+        raise ValueError(f"{path}: version, prediction_type and configs apply to single-file checkpoints only; "
+                         "a diffusers folder states them in its config files")
     return load_diffusers_pipeline(path, dtype=dtype)
 
 
