@@ -21,6 +21,7 @@ NOTEBOOK_DIR = Path(__file__).resolve().parents[1] / "notebooks"
 # the notebooks known to run top to bottom; a notebook not listed here is not yet checked
 NOTEBOOKS = [
     "01_attention_and_positions.ipynb",
+    "03_forward_diffusion.ipynb",
 ]
 CELL_TIMEOUT = 600  # seconds per cell
 
