@@ -22,6 +22,7 @@ NOTEBOOK_DIR = Path(__file__).resolve().parents[1] / "notebooks"
 NOTEBOOKS = [
     "01_attention_and_positions.ipynb",
     "03_forward_diffusion.ipynb",
+    "07_loading_pretrained_weights.ipynb",
 ]
 CELL_TIMEOUT = 600  # seconds per cell
 
