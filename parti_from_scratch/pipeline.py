@@ -27,6 +27,7 @@ single-file checkpoint) and the small model this package ships.
 """
 from __future__ import annotations
 
+import inspect
 import math
 import warnings
 from dataclasses import dataclass
@@ -274,11 +275,9 @@ class TextToImagePipeline:
         else:
             z, timesteps = self._noised_image_latents(image, strength, scheduler, n_images, generator, latents)
 
-        extra = {}
-        if "eta" in scheduler.step.__code__.co_varnames:
-            extra["eta"] = eta
-        if "generator" in scheduler.step.__code__.co_varnames:
-            extra["generator"] = generator
+        # only DDIM takes eta; the stochastic samplers (DDPM, DDIM with eta > 0) draw from the generator(s)
+        step_parameters = inspect.signature(scheduler.step).parameters
+        extra = {name: value for name, value in (("eta", eta), ("generator", generator)) if name in step_parameters}
         for t in tqdm(timesteps, desc="sampling", disable=not progress, leave=False):
             z_in = torch.cat([z, z]) if do_guidance else z
             z_in = scheduler.scale_model_input(z_in, t)
