@@ -1,7 +1,8 @@
 """Run every notebook top to bottom, as a reader would, and fail on any cell error.
 
 Each notebook runs in a fresh `python3` kernel (ipykernel's own kernelspec) with
-PARTI_SMOKE=1 (smaller steps and batches) and a temporary working directory.
+PARTI_SMOKE=1 (smaller steps and batches), one torch thread unless OMP_NUM_THREADS
+says otherwise, and a temporary working directory.
 The executed copies, figures included, are written to $PARTI_NOTEBOOK_OUT
 (default: a temporary folder) so a person can open them afterwards.
 """
@@ -21,6 +22,7 @@ NOTEBOOK_DIR = Path(__file__).resolve().parents[1] / "notebooks"
 # the notebooks known to run top to bottom; a notebook not listed here is not yet checked
 NOTEBOOKS = [
     "01_attention_and_positions.ipynb",
+    "02_clip.ipynb",
     "03_forward_diffusion.ipynb",
     "07_loading_pretrained_weights.ipynb",
 ]
@@ -45,6 +47,8 @@ def test_notebook_runs(name, tmp_path, monkeypatch):
     # the kernel inherits this process's environment
     monkeypatch.setenv("PARTI_SMOKE", "1")
     monkeypatch.setenv("MPLBACKEND", "module://matplotlib_inline.backend_inline")
+    # the notebooks' models are small: one thread per kernel is as fast and does not oversubscribe a busy machine
+    monkeypatch.setenv("OMP_NUM_THREADS", os.environ.get("OMP_NUM_THREADS", "1"))
     client = nbclient.NotebookClient(nb, kernel_name="python3", timeout=CELL_TIMEOUT,
                                      resources={"metadata": {"path": str(tmp_path)}})
     started = time.perf_counter()
