@@ -3,6 +3,8 @@
     generate "PROMPT" [--model PATH] -o out.png   text -> image (the shipped model, or SD weights)
     tokenize "PROMPT"                             show CLIP's BPE tokens and ids (tutorial §3.1)
     schedules -o schedules.png                    plot beta_t, alpha_bar_t and SNR (tutorial §4.2)
+    train [all|clip|vae|unet] --out DIR           retrain the shipped model, or one of its parts
+    eval [--model PATH] [--prompts SET|FILE]      grade generated images with the shapes checker
 
 Bad arguments end with one line on stderr and exit code 2, never a traceback.
 """
@@ -14,6 +16,9 @@ from pathlib import Path
 from typing import List, Optional
 
 SCHEDULER_NAMES = ("pndm", "ddim", "ddpm", "euler", "dpm")
+# sampler steps and guidance scale for the shipped model (measured: see its RECIPE.md)
+SHIPPED_STEPS = 25
+SHIPPED_GUIDANCE = 5.0
 
 
 class UsageError(Exception):
@@ -68,6 +73,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("schedules", help="plot beta_t, alpha_bar_t and the SNR of the noise schedules")
     s.add_argument("-o", "--output", default="schedules.png")
+
+    from parti_from_scratch.train.cli_commands import add_eval_arguments, add_train_arguments
+    add_train_arguments(sub.add_parser("train", help="train the shipped model (or one part) from scratch"))
+    add_eval_arguments(sub.add_parser("eval", help="grade generated images with the shapes checker"))
     return parser
 
 
@@ -94,8 +103,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     except (ValueError, OSError) as e:
         raise UsageError(f"cannot load model: {e}") from None
     shipped = args.model is None
-    steps = args.steps or (25 if shipped else 50)
-    guidance = args.guidance if args.guidance is not None else (5.0 if shipped else 7.5)
+    steps = args.steps or (SHIPPED_STEPS if shipped else 50)
+    guidance = args.guidance if args.guidance is not None else (SHIPPED_GUIDANCE if shipped else 7.5)
     generators = [torch.Generator().manual_seed(args.seed + i) for i in range(args.num_images)]
     out = pipe(args.prompt, negative_prompt=args.negative, num_inference_steps=steps, guidance_scale=guidance,
                height=args.height, width=args.width, generator=generators, num_images_per_prompt=args.num_images,
@@ -114,11 +123,16 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_tokenize(args: argparse.Namespace) -> int:
+    """Print each BPE token of the prompt with its id, BOS and EOS included (tutorial §3.1)."""
     from parti_from_scratch.clip.tokenizer import CLIPTokenizer
-    tok = CLIPTokenizer.from_pretrained(args.tokenizer) if args.tokenizer else CLIPTokenizer()
-    ids = tok(args.prompt).input_ids[0] if isinstance(tok(args.prompt).input_ids[0], list) else tok(args.prompt).input_ids
-    for i in ids:
-        print(f"{i:>6}  {tok.convert_ids_to_tokens([i])[0] if hasattr(tok, 'convert_ids_to_tokens') else tok.decode([i])}")
+    try:
+        tok = CLIPTokenizer.from_pretrained(args.tokenizer) if args.tokenizer else CLIPTokenizer()
+    except (ValueError, OSError) as e:
+        raise UsageError(f"cannot load tokenizer: {e}") from None
+    ids = tok.encode(args.prompt)
+    for i, token in zip(ids, tok.convert_ids_to_tokens(ids)):
+        print(f"{i:>6}  {token}")
+    print(f"{len(ids)} tokens (model_max_length {tok.model_max_length})")
     return 0
 
 
@@ -129,7 +143,24 @@ def cmd_schedules(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"generate": cmd_generate, "tokenize": cmd_tokenize, "schedules": cmd_schedules}
+def cmd_train(args: argparse.Namespace) -> int:
+    from parti_from_scratch.train.cli_commands import CommandError, cmd_train as run
+    try:
+        return run(args)
+    except CommandError as e:
+        raise UsageError(str(e)) from None
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from parti_from_scratch.train.cli_commands import CommandError, cmd_eval as run
+    try:
+        return run(args)
+    except CommandError as e:
+        raise UsageError(str(e)) from None
+
+
+COMMANDS = {"generate": cmd_generate, "tokenize": cmd_tokenize, "schedules": cmd_schedules,
+            "train": cmd_train, "eval": cmd_eval}
 
 
 def main(argv: Optional[List[str]] = None) -> int:

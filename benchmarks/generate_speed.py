@@ -1,0 +1,50 @@
+"""Seconds to generate one 64x64 image with the shipped model (default steps and guidance).
+
+    python benchmarks/generate_speed.py [--model PATH] [--runs 7] [--threads N]
+
+Prints the median over `--runs` timed runs after one warm-up run. Classifier-free
+guidance doubles the UNet batch (prompt and empty prompt), so a step is one UNet
+call on 2 latents. The target for the shipped model is <= 2 s per image.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import time
+
+import torch
+
+from parti_from_scratch.cli import SHIPPED_GUIDANCE, SHIPPED_STEPS
+from parti_from_scratch.pipeline import TextToImagePipeline
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default=None, help="pipeline folder (default: the shipped model)")
+    parser.add_argument("--runs", type=int, default=7)
+    parser.add_argument("--steps", type=int, default=SHIPPED_STEPS)
+    parser.add_argument("--guidance", type=float, default=SHIPPED_GUIDANCE)
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    parser.add_argument("--prompt", default="a large red circle on the left")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    pipe = TextToImagePipeline.from_pretrained(args.model)
+
+    def once(seed: int) -> float:
+        start = time.perf_counter()
+        pipe(args.prompt, num_inference_steps=args.steps, guidance_scale=args.guidance,
+             generator=[torch.Generator().manual_seed(seed)], output_type="np", progress=False)
+        return time.perf_counter() - start
+
+    once(0)                                                   # warm-up: first calls allocate and pick kernels
+    times = [once(seed) for seed in range(1, args.runs + 1)]
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    print(f"{statistics.median(times):.3f} s per image (median of {args.runs}; min {min(times):.3f}, "
+          f"max {max(times):.3f}); {args.steps} steps, guidance {args.guidance}, "
+          f"{torch.get_num_threads()} threads, load average {load:.1f}")
+
+
+if __name__ == "__main__":
+    main()

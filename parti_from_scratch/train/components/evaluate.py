@@ -1,0 +1,98 @@
+"""Measuring a trained model: CLIP retrieval, and the checker's grades of generated images.
+
+* Text-to-image retrieval (Radford et al. 2021, §3): for each of n captions,
+  rank n images by cos(text, image); top-1 is the fraction whose own image
+  ranks first. The n images have distinct canonical captions, so every query
+  has exactly one right answer.
+* Adherence: one image per prompt, each from its own seeded generator, graded
+  by `data.score`; `data.summarise` gives the fraction right per attribute
+  (count, position, colour, shape, size, exact).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional, Sequence, Union
+
+import numpy as np
+import torch
+
+from parti_from_scratch.clip.model import CLIPModel
+from parti_from_scratch.clip.tokenizer import CLIPTokenizer
+from parti_from_scratch.data import ShapesDataset, caption, score, summarise
+
+from .clip import tokenize
+
+
+@torch.no_grad()
+def clip_retrieval(model: CLIPModel, tokenizer: CLIPTokenizer, split: str = "test", n: int = 100,
+                   seed: int = 0) -> dict:
+    """Text-to-image (and image-to-text) top-1 among up to n images of `split` with distinct canonical captions.
+
+    Returns {"text_to_image_top1", "image_to_text_top1", "n"}; n is smaller when the split
+    has fewer distinct scenes (heldout_single has 40).
+    """
+    pool = ShapesDataset(split, size=max(20 * n, 1000), seed=seed, caption_variety=False)
+    chosen, seen = [], set()
+    for i, scene in enumerate(pool.scenes):
+        text = caption(scene)
+        if text not in seen:
+            seen.add(text)
+            chosen.append(i)
+        if len(chosen) == n:
+            break
+    device = next(model.parameters()).device
+    images = torch.stack([pool[i][0] for i in chosen]).to(device)
+    ids = tokenize(tokenizer, [pool.captions[i] for i in chosen]).to(device)
+    out = model(input_ids=ids, pixel_values=images)
+    # (n_txt, n_img): row j ranks the images for caption j
+    logits_per_text = out.logits_per_text
+    target = torch.arange(len(chosen), device=device)
+    return {"text_to_image_top1": (logits_per_text.argmax(1) == target).float().mean().item(),
+            "image_to_text_top1": (logits_per_text.argmax(0) == target).float().mean().item(),
+            "n": len(chosen)}
+
+
+def generate_images(pipe, prompts: Sequence[str], steps: int, guidance: float, seed: int = 0,
+                    scheduler: Optional[str] = None, batch_size: int = 32) -> np.ndarray:
+    """(n, 64, 64, 3) float images in [0, 1]; image i comes from torch.Generator().manual_seed(seed + i)."""
+    images = []
+    for start in range(0, len(prompts), batch_size):
+        chunk = list(prompts[start:start + batch_size])
+        generators = [torch.Generator().manual_seed(seed + start + k) for k in range(len(chunk))]
+        out = pipe(chunk, num_inference_steps=steps, guidance_scale=guidance, generator=generators,
+                   output_type="np", scheduler=scheduler, progress=False)
+        images.append(out.images)
+    return np.concatenate(images)
+
+
+def evaluate_adherence(pipe, prompts: Sequence[tuple[str, list]], steps: int, guidance: float, seed: int = 0,
+                       scheduler: Optional[str] = None, batch_size: int = 32) -> tuple[dict, np.ndarray]:
+    """Generate one image per (prompt, scene) and grade it: ({attribute: fraction right}, images)."""
+    images = generate_images(pipe, [p for p, _ in prompts], steps, guidance, seed, scheduler, batch_size)
+    scores = [score(image, scene) for image, (_, scene) in zip(images, prompts)]
+    return summarise(scores), images
+
+
+def save_image_grid(images: np.ndarray, path: Union[str, Path], columns: int = 8, labels: Optional[list] = None,
+                    scale: int = 2) -> Path:
+    """Images (n, H, W, 3) in [0, 1] -> one PNG, `columns` per row, each enlarged `scale` times (with titles)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n = len(images)
+    columns = min(columns, n)
+    rows = (n + columns - 1) // columns
+    fig, axes = plt.subplots(rows, columns, figsize=(columns * 1.1 * scale, rows * 1.3 * scale), squeeze=False)
+    for k, ax in enumerate(axes.flat):
+        ax.axis("off")
+        if k < n:
+            ax.imshow(np.clip(images[k], 0, 1), interpolation="nearest")
+            if labels is not None:
+                ax.set_title(labels[k], fontsize=6 + scale, wrap=True)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path

@@ -1,0 +1,145 @@
+"""Training the latent noise predictor eps_theta(z_t, t, c): L_simple with caption dropout.
+
+Ho et al. 2020, arXiv 2006.11239, Eq. 14, in the latent space of Rombach et al.
+2022 (arXiv 2112.10752, Eq. 2):
+
+    L_simple = E_{z_0, c, t, eps} || eps - eps_theta( sqrt(alpha_bar_t) z_0 + sqrt(1 - alpha_bar_t) eps, t, c ) ||^2
+
+z_0 = scaling_factor * (mu + sigma * eps') is a sample of the frozen VAE's
+posterior for a training image, c the frozen text encoder's states (b, 77, d)
+for its caption, t ~ U{0, ..., T-1}, eps ~ N(0, I).
+
+Classifier-free guidance (Ho & Salimans 2022, arXiv 2207.12598, Algorithm 1):
+with probability p_uncond (10% here) the caption is replaced by the empty
+prompt "", so the same network also learns eps_theta(z_t, t, c_empty), the
+unconditional prediction that guidance extrapolates away from.
+
+Both frozen encoders run once, before training: the VAE posterior (mu, sigma)
+of every image of a fixed training set, and the text states of every distinct
+caption. A step then costs only the UNet's forward and backward pass.
+"""
+from __future__ import annotations
+
+from typing import Any, Optional, Union
+
+import torch
+from tqdm.auto import tqdm
+
+from parti_from_scratch.clip.model import CLIPTextModel
+from parti_from_scratch.clip.tokenizer import CLIPTokenizer
+from parti_from_scratch.diffusion.process import l_simple
+from parti_from_scratch.diffusion.schedulers import DDPMScheduler
+from parti_from_scratch.unet import UNet2DConditionConfig, UNet2DConditionModel
+from parti_from_scratch.vae import AutoencoderKL
+
+from ..loop import StepRNG, TrainConfig, TrainResult, train
+from .common import seeded_init
+from .clip import tokenize
+
+
+def build_unet(config: Union[dict, UNet2DConditionConfig], seed: int = 0) -> UNet2DConditionModel:
+    """A freshly initialised UNet from a diffusers-style config dict; weights depend on `seed` only."""
+    if isinstance(config, dict):
+        config = UNet2DConditionConfig.from_dict(dict(config))
+    return seeded_init(lambda: UNet2DConditionModel(config), seed)
+
+
+def training_scheduler(config: dict) -> DDPMScheduler:
+    """The noise schedule the UNet is trained with (beta_t, alpha_bar_t); samplers reuse its config."""
+    return DDPMScheduler(**config)
+
+
+@torch.no_grad()
+def encode_texts(text_encoder: CLIPTextModel, tokenizer: CLIPTokenizer, captions: list[str],
+                 batch_size: int = 256, progress: bool = False) -> torch.Tensor:
+    """The frozen text encoder's states c for each caption: (n, 77, d), as the pipeline computes them."""
+    device = next(text_encoder.parameters()).device
+    states = []
+    for i in tqdm(range(0, len(captions), batch_size), desc="text states", disable=not progress, leave=False):
+        ids = tokenize(tokenizer, captions[i:i + batch_size]).to(device)
+        states.append(text_encoder(ids)[0].float().cpu())
+    return torch.cat(states)
+
+
+@torch.no_grad()
+def encode_latents(vae: AutoencoderKL, dataset, batch_size: int = 256,
+                   progress: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """The frozen VAE's posterior of every image of `dataset`: (mu, sigma), each (n, c, h, w), unscaled."""
+    device = next(vae.parameters()).device
+    means, stds = [], []
+    for i in tqdm(range(0, len(dataset), batch_size), desc="latents", disable=not progress, leave=False):
+        x = torch.stack([dataset[j][0] for j in range(i, min(i + batch_size, len(dataset)))]).to(device)
+        posterior = vae.encode(x).latent_dist
+        means.append(posterior.mean.float().cpu())
+        stds.append(posterior.std.float().cpu())
+    return torch.cat(means), torch.cat(stds)
+
+
+class LatentCaptionDataset(torch.utils.data.Dataset):
+    """Item i: (mu_i, sigma_i, c_i) = the VAE posterior of image i and the text states of its caption.
+
+    Text states are stored once per distinct caption; `caption_index[i]` points at them.
+    """
+
+    def __init__(self, mean: torch.Tensor, std: torch.Tensor, text_states: torch.Tensor,
+                 caption_index: torch.Tensor):
+        assert len(mean) == len(std) == len(caption_index)
+        self.mean, self.std, self.text_states, self.caption_index = mean, std, text_states, caption_index
+
+    @classmethod
+    def build(cls, dataset, vae: AutoencoderKL, text_encoder: CLIPTextModel, tokenizer: CLIPTokenizer,
+              progress: bool = False) -> "LatentCaptionDataset":
+        """Run both frozen encoders over `dataset` (items (image, caption)) once."""
+        captions = [dataset[i][1] for i in range(len(dataset))] if not hasattr(dataset, "captions") \
+            else list(dataset.captions)
+        distinct = sorted(set(captions))
+        where = {c: k for k, c in enumerate(distinct)}
+        states = encode_texts(text_encoder, tokenizer, distinct, progress=progress)
+        mean, std = encode_latents(vae, dataset, progress=progress)
+        return cls(mean, std, states, torch.tensor([where[c] for c in captions]))
+
+    def __len__(self) -> int:
+        return len(self.mean)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return self.mean[i], self.std[i], self.text_states[self.caption_index[i]]
+
+
+def caption_dropout_mask(rng: StepRNG, p_uncond: float) -> torch.Tensor:
+    """(b,) bool: True where this step's caption is replaced by the empty prompt (probability p_uncond)."""
+    return rng.bernoulli(p_uncond)
+
+
+def make_unet_loss(alpha_bar: torch.Tensor, empty_state: torch.Tensor, scaling_factor: float,
+                   p_uncond: float = 0.1):
+    """The UNet's loss_fn for `train`: L_simple on z_0 = scaling_factor * (mu + sigma * eps').
+
+    alpha_bar: (T,) the training schedule; empty_state: (77, d) the text states of "".
+    """
+    num_train_timesteps = len(alpha_bar)
+
+    def loss_fn(model: UNet2DConditionModel, batch: Any, rng: StepRNG) -> tuple[torch.Tensor, dict]:
+        mean, std, c = batch                                   # (b, C, h, w), (b, C, h, w), (b, 77, d)
+        # z_0 = scaling_factor * (mu + sigma * eps'): a fresh posterior sample each time the image is seen
+        z0 = scaling_factor * (mean + std * rng.randn(*mean.shape[1:]))
+        # classifier-free guidance training: c -> c_empty with probability p_uncond
+        drop = caption_dropout_mask(rng, p_uncond)              # (b,)
+        c = torch.where(drop[:, None, None], empty_state.to(c), c)
+        t = rng.randint(0, num_train_timesteps)                 # (b,) t ~ U{0..T-1}
+        eps = rng.randn(*mean.shape[1:])                        # (b, C, h, w) eps ~ N(0, I)
+        # || eps - eps_theta(sqrt(alpha_bar_t) z_0 + sqrt(1 - alpha_bar_t) eps, t, c) ||^2
+        loss = l_simple(model, z0, t, alpha_bar, noise=eps, encoder_hidden_states=c)
+        return loss, {"dropped": drop.float().mean().item()}
+    return loss_fn
+
+
+def train_unet(config: Union[dict, UNet2DConditionConfig], latents: LatentCaptionDataset,
+               empty_state: torch.Tensor, scaling_factor: float, scheduler: DDPMScheduler,
+               train_config: TrainConfig, p_uncond: float = 0.1, resume: Optional[str] = None
+               ) -> tuple[UNet2DConditionModel, TrainResult]:
+    """Train eps_theta on precomputed latents and text states; returns the EMA model (or the model)."""
+    model = build_unet(config, train_config.seed)
+    loss_fn = make_unet_loss(scheduler.alpha_bar.float(), empty_state.float(), scaling_factor, p_uncond)
+    result = train(model, loss_fn, latents, train_config, resume=resume)
+    trained = result.ema_model if result.ema_model is not None else result.model
+    return trained.eval(), result
