@@ -13,9 +13,10 @@ import argparse
 import torch
 
 from parti_from_scratch.cli import SHIPPED_GUIDANCE, SHIPPED_STEPS
-from parti_from_scratch.data import HELDOUT_COMBOS, parse_caption, score
+from parti_from_scratch.data import HELDOUT_COMBOS, parse_caption
 from parti_from_scratch.pipeline import TextToImagePipeline
 from parti_from_scratch.train.components import generate_images, save_image_grid
+from parti_from_scratch.train.components.evaluate import safe_score
 
 PROMPTS = [
     "a large red circle on the left",
@@ -40,7 +41,7 @@ def main() -> None:
     for image, prompt in zip(images, PROMPTS):
         scene = parse_caption(prompt)
         held_out = any((o.colour, o.shape) in HELDOUT_COMBOS for o in scene)
-        verdict = "ok" if score(image, scene).exact else "wrong"
+        verdict = "ok" if safe_score(image, scene).exact else "wrong"
         labels.append(f"{verdict}{' (held out)' if held_out else ''}\n" + prompt.replace(" and ", "\nand "))
     print(save_image_grid(images, args.output, columns=4, labels=labels, scale=3))
 

@@ -134,7 +134,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     for name in ("count", "colour", "shape", "size", "position", "exact"):
         print(f"  {name:<9} {100 * summary[name]:5.1f}%")
     if args.grid:
-        from parti_from_scratch.data import score
-        labels = [("ok " if score(im, scene).exact else "x ") + p for im, (p, scene) in zip(images, prompts)]
+        from .components.evaluate import safe_score
+        labels = [("ok " if safe_score(im, scene).exact else "x ") + p for im, (p, scene) in zip(images, prompts)]
         print(save_image_grid(images, args.grid, columns=min(8, len(images)), labels=labels))
     return 0
