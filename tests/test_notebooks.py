@@ -24,7 +24,11 @@ NOTEBOOKS = [
     "01_attention_and_positions.ipynb",
     "02_clip.ipynb",
     "03_forward_diffusion.ipynb",
+    "04_reverse_diffusion_and_samplers.ipynb",
+    "05_unet_and_vae.ipynb",
+    "06_text_to_image.ipynb",
     "07_loading_pretrained_weights.ipynb",
+    "08_training.ipynb",
 ]
 CELL_TIMEOUT = 600  # seconds per cell
 
