@@ -107,7 +107,7 @@ class Recipe:
     foreground_weight: float = 10.0       # pixels of the shapes weigh 1 + this in L_rec (the background 1)
     unet: dict = field(default_factory=_unet_config)
     unet_training: Training = field(default_factory=lambda: Training(
-        steps=4000, batch_size=64, lr=1e-3, warmup_steps=200, ema_decay=0.999))
+        steps=5500, batch_size=64, lr=1e-3, warmup_steps=200, ema_decay=0.999))
     p_uncond: float = 0.1                 # caption -> "" with this probability (classifier-free guidance)
     # the training noise schedule (diffusers scheduler_config keys); samplers reuse it
     noise_schedule: dict = field(default_factory=lambda: {
