@@ -149,3 +149,12 @@ def test_summarise_averages_scores():
     summary = summarise(scores)
     assert summary["exact"] == 0.5 and summary["shape"] == 0.5 and summary["colour"] == 1.0
     assert summary["size"] == 1.0  # only the first names a size
+
+
+def test_large_blob_at_the_border_is_measured_not_crashed():
+    """A generated image may hold a blob far larger than any dataset object, touching the edge."""
+    from parti_from_scratch.data.checker import detect
+    img = np.zeros((64, 64, 3), dtype=np.uint8)
+    img[:40, :45, 0] = 255          # a 40 x 45 red block in the top-left corner
+    found = detect(img)
+    assert len(found) == 1 and found[0].colour == "red"

@@ -130,7 +130,8 @@ def fit_shapes(mask: np.ndarray) -> dict[str, tuple[float, float, float, float]]
     rows, cols = np.nonzero(mask)
     area = float(len(rows))
     x_bar, y_bar = cols.mean() + 0.5, rows.mean() + 0.5  # pixel (r, c) has centre (c + .5, r + .5)
-    pad = 16  # room for a fitted shape that reaches past the image border
+    # room for a fitted shape that reaches past the image border: at most a whole side beyond it
+    pad = int(np.ceil(np.sqrt(area / min(FILL.values())))) + 2
     padded = np.pad(mask, pad).astype(np.float32)
     fits = {}
     for shape, fill in FILL.items():
