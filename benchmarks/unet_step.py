@@ -1,0 +1,120 @@
+"""One denoising step of the full-size Stable Diffusion v1.5 UNet: ours against diffusers', fp32 on the CPU.
+
+    python benchmarks/unet_step.py [--warmup 2] [--steps 7] [--runs 1] [--threads N]
+
+What is measured:
+* the SD v1.5 architecture (block_out_channels 320/640/1280/1280, 2 layers per
+  block, 8 heads, text width 768; 860M parameters) with random weights: diffusers
+  builds and initialises it, and ours receives the same tensors through the
+  converter (weights_convert.diffusers_models.from_diffusers) from the in-memory
+  state dict;
+* one UNet call as a sampler with classifier-free guidance makes it: batch 2
+  (unconditional + conditional), 32x32 latents (256x256 pixels), 77x768 text states;
+* under torch.inference_mode(), `--warmup` untimed calls of each model, then
+  `--steps` timed calls alternating ours / diffusers in the same process, so a
+  slower or faster moment of the machine hits both alike; the median of each;
+* the ratio median(ours) / median(diffusers) (target <= 0.9);
+* achieved GFLOP/s of ours = FLOPs of one call (torch.utils.flop_counter.FlopCounterMode,
+  which counts matmuls, convolutions and attention) / median time, next to the
+  GFLOP/s of a 2048x2048 fp32 matmul measured the same way, the machine's practical peak.
+
+`--runs N` repeats the timed part N times and reports the median ratio.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+
+SD15 = dict(sample_size=64, in_channels=4, out_channels=4, block_out_channels=(320, 640, 1280, 1280),
+            layers_per_block=2, cross_attention_dim=768, attention_head_dim=8,
+            down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+            up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3)
+
+
+def build_models():
+    """diffusers' UNet with random weights, and ours holding the very same tensors."""
+    from diffusers import UNet2DConditionModel as DiffusersUNet
+
+    from parti_from_scratch.unet import UNet2DConditionConfig, UNet2DConditionModel
+    from weights_convert.common import build_on_meta, load_into
+    from weights_convert.diffusers_models import from_diffusers
+
+    torch.manual_seed(0)
+    reference = DiffusersUNet(**SD15).eval()
+    config = UNet2DConditionConfig.from_dict(dict(reference.config), source="diffusers config")
+    ours = build_on_meta(lambda: UNet2DConditionModel(config))
+    load_into(ours, from_diffusers(reference.state_dict(), source="diffusers state dict"), dtype=None)
+    return ours, reference
+
+
+def timed(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def matmul_gflops(n: int = 2048, repeats: int = 10) -> float:
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    for _ in range(2):
+        a @ b
+    return 2 * n ** 3 / statistics.median(timed(lambda: a @ b) for _ in range(repeats)) / 1e9
+
+
+def count_flops(model, *args) -> int:
+    from torch.utils.flop_counter import FlopCounterMode
+    counter = FlopCounterMode(display=False)
+    with counter:
+        model(*args)
+    return counter.get_total_flops()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=7)
+    parser.add_argument("--runs", type=int, default=1)
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    ours, reference = build_models()
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(2, 4, 32, 32, generator=g)
+    c = torch.randn(2, 77, 768, generator=g)
+    t = torch.tensor(500)
+    run_ours = lambda: ours(z, t, encoder_hidden_states=c).sample  # noqa: E731
+    run_reference = lambda: reference(z, t, encoder_hidden_states=c).sample  # noqa: E731
+
+    with torch.inference_mode():
+        diff = (run_ours() - run_reference()).abs().max().item()
+        for _ in range(args.warmup - 1):
+            run_ours(), run_reference()
+        flops = count_flops(ours, z, t, c)
+        ratios = []
+        for run in range(args.runs):
+            times_ours, times_reference = [], []
+            for _ in range(args.steps):
+                times_ours.append(timed(run_ours))
+                times_reference.append(timed(run_reference))
+            t_ours, t_reference = statistics.median(times_ours), statistics.median(times_reference)
+            ratios.append(t_ours / t_reference)
+            print(f"run {run + 1}: ours {t_ours:.3f} s, diffusers {t_reference:.3f} s (medians of {args.steps}), "
+                  f"ratio {ratios[-1]:.3f}")
+        peak = matmul_gflops()
+
+    print(f"threads: {torch.get_num_threads()}; max |ours - diffusers| = {diff:.2e}")
+    print(f"median ratio ours/diffusers over {args.runs} run(s): {statistics.median(ratios):.3f} (target <= 0.9)")
+    print(f"one UNet call: {flops / 1e9:.1f} GFLOP; ours achieves {flops / t_ours / 1e9:.1f} GFLOP/s, diffusers "
+          f"{flops / t_reference / 1e9:.1f} GFLOP/s; fp32 2048x2048 matmul: {peak:.1f} GFLOP/s")
+
+
+if __name__ == "__main__":
+    main()
