@@ -1,6 +1,6 @@
 """One denoising step of the full-size Stable Diffusion v1.5 UNet: ours against diffusers', fp32 on the CPU.
 
-    python benchmarks/unet_step.py [--warmup 2] [--steps 7] [--runs 1] [--threads N]
+    python benchmarks/unet_step.py [--warmup 2] [--steps 7] [--runs 3] [--threads N]
 
 What is measured:
 * the SD v1.5 architecture (block_out_channels 320/640/1280/1280, 2 layers per
@@ -18,11 +18,16 @@ What is measured:
   which counts matmuls, convolutions and attention) / median time, next to the
   GFLOP/s of a 2048x2048 fp32 matmul measured the same way, the machine's practical peak.
 
-`--runs N` repeats the timed part N times and reports the median ratio.
+`--runs N` repeats the timed part N times and reports the median ratio. The
+machine's 1-minute load average is printed with each run. The benchmark itself
+keeps about as many threads busy as torch uses; a load average well above that
+means other processes compete for the cores, which slows both models unevenly
+and makes the ratio noisy: compare runs made on a quiet machine.
 """
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import time
@@ -79,7 +84,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--steps", type=int, default=7)
-    parser.add_argument("--runs", type=int, default=1)
+    parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
     args = parser.parse_args()
     if args.threads:
@@ -98,7 +103,7 @@ def main() -> None:
         for _ in range(args.warmup - 1):
             run_ours(), run_reference()
         flops = count_flops(ours, z, t, c)
-        ratios = []
+        ratios, medians_ours, medians_reference = [], [], []
         for run in range(args.runs):
             times_ours, times_reference = [], []
             for _ in range(args.steps):
@@ -106,14 +111,17 @@ def main() -> None:
                 times_reference.append(timed(run_reference))
             t_ours, t_reference = statistics.median(times_ours), statistics.median(times_reference)
             ratios.append(t_ours / t_reference)
+            medians_ours.append(t_ours)
+            medians_reference.append(t_reference)
             print(f"run {run + 1}: ours {t_ours:.3f} s, diffusers {t_reference:.3f} s (medians of {args.steps}), "
-                  f"ratio {ratios[-1]:.3f}")
+                  f"ratio {ratios[-1]:.3f}; load average {os.getloadavg()[0]:.1f}", flush=True)
         peak = matmul_gflops()
 
     print(f"threads: {torch.get_num_threads()}; max |ours - diffusers| = {diff:.2e}")
     print(f"median ratio ours/diffusers over {args.runs} run(s): {statistics.median(ratios):.3f} (target <= 0.9)")
+    t_ours, t_reference = statistics.median(medians_ours), statistics.median(medians_reference)
     print(f"one UNet call: {flops / 1e9:.1f} GFLOP; ours achieves {flops / t_ours / 1e9:.1f} GFLOP/s, diffusers "
-          f"{flops / t_reference / 1e9:.1f} GFLOP/s; fp32 2048x2048 matmul: {peak:.1f} GFLOP/s")
+          f"{flops / t_reference / 1e9:.1f} GFLOP/s (median step times); fp32 2048x2048 matmul: {peak:.1f} GFLOP/s")
 
 
 if __name__ == "__main__":

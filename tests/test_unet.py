@@ -13,6 +13,8 @@ import torch
 
 from parti_from_scratch.configuration import ConfigError
 from parti_from_scratch.nn.attention import attention_backend
+from parti_from_scratch.nn.conv import Conv2d, conv2d_im2col
+from parti_from_scratch.nn.resnet import ResnetBlock2D
 from parti_from_scratch.unet import UNet2DConditionConfig, UNet2DConditionModel
 
 from diffusers_oracle import UNET_CONFIGS, diffusers, max_diff, reference, saved_reference, unet_inputs
@@ -49,6 +51,65 @@ def test_fused_and_explicit_attention_give_the_same_eps(unet_pair):
         with attention_backend("explicit"):
             explicit = ours(z, 250, encoder_hidden_states=c).sample
     assert max_diff(fused, explicit) <= TOL
+
+
+@pytest.mark.parametrize("kernel,stride,padding,bias", [(3, 1, 1, True), (3, 2, 1, True), (3, 2, 0, False),
+                                                        (1, 1, 0, True), (3, 1, 0, True)])
+def test_conv2d_im2col_equals_convolution(kernel, stride, padding, bias):
+    """y[n, :, p] = W_mat unfold(x)[n, :, p] + b is the convolution."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 6, 9, 7, generator=g)
+    w = torch.randn(5, 6, kernel, kernel, generator=g)
+    b = torch.randn(5, generator=g) if bias else None
+    expected = torch.nn.functional.conv2d(x, w, b, stride=stride, padding=padding)
+    got = conv2d_im2col(x, w, b, (stride, stride), (padding, padding))
+    assert got.shape == expected.shape and got.is_contiguous()
+    assert max_diff(got, expected) <= TOL
+
+
+def test_conv2d_module_takes_the_im2col_path_only_for_small_outputs_of_big_kernels(monkeypatch):
+    calls = []
+    monkeypatch.setattr("parti_from_scratch.nn.conv.conv2d_im2col",
+                        lambda *args: calls.append(args[0].shape) or conv2d_im2col(*args))
+    small, big = Conv2d(4, 4, 3, padding=1), Conv2d(4, 4, 3, padding=1)
+    monkeypatch.setattr(big, "min_im2col_weights", 4 * 4 * 3 * 3)
+    with torch.no_grad():
+        for conv in (small, big):
+            for size in (8, 9):  # 64 output pixels: im2col for the big kernel; 81: PyTorch's convolution
+                x = torch.randn(1, 4, size, size)
+                expected = torch.nn.functional.conv2d(x, conv.weight, conv.bias, padding=1)
+                assert max_diff(conv(x), expected) <= TOL
+    assert calls == [(1, 4, 8, 8)]
+
+
+def test_eps_theta_matches_diffusers_with_every_conv_as_im2col(unet_pair, monkeypatch):
+    """The whole UNet with every convolution computed as a matrix product (conv2d_im2col)."""
+    monkeypatch.setattr(Conv2d, "min_im2col_weights", 0)
+    monkeypatch.setattr(Conv2d, "max_im2col_pixels", 10 ** 9)
+    name, ref, ours, size = unet_pair
+    z, c = unet_inputs(UNET_CONFIGS[name][0], size)
+    with torch.no_grad():
+        assert max_diff(ours(z, 123, encoder_hidden_states=c).sample,
+                        ref(z, 123, encoder_hidden_states=c).sample) <= TOL
+
+
+def test_resnet_block_equation_and_gradients():
+    """y = shortcut(x) + Conv2(SiLU(GN2(Conv1(SiLU(GN1(x))) + W_t SiLU(t_emb)))), differentiable."""
+    torch.manual_seed(0)
+    block = ResnetBlock2D(8, 16, temb_channels=12, groups=4)
+    x, temb = torch.randn(2, 8, 6, 6, requires_grad=True), torch.randn(2, 12)
+    F = torch.nn.functional
+    h = F.conv2d(F.silu(F.group_norm(x, 4, block.norm1.weight, block.norm1.bias, 1e-6)), block.conv1.weight,
+                 block.conv1.bias, padding=1)
+    h = h + F.linear(F.silu(temb), block.time_emb_proj.weight, block.time_emb_proj.bias)[:, :, None, None]
+    h = F.conv2d(F.silu(F.group_norm(h, 4, block.norm2.weight, block.norm2.bias, 1e-6)), block.conv2.weight,
+                 block.conv2.bias, padding=1)
+    expected = F.conv2d(x, block.conv_shortcut.weight, block.conv_shortcut.bias) + h
+    got = block(x, temb)
+    assert max_diff(got, expected) <= TOL
+    (grad_got,) = torch.autograd.grad(got.square().sum(), x)
+    (grad_expected,) = torch.autograd.grad(expected.square().sum(), x)
+    assert max_diff(grad_got, grad_expected) <= 1e-4
 
 
 def test_return_dict_false_gives_a_tuple(unet_pair):

@@ -22,6 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from parti_from_scratch.nn.conv import Conv2d
+
 
 class Downsample2D(nn.Module):
     """y = Conv_{3x3, stride 2}(pad(x)); padding=1 pads every side by 1, padding=0 pads right and bottom by 1."""
@@ -29,7 +31,7 @@ class Downsample2D(nn.Module):
     def __init__(self, channels: int, out_channels: Optional[int] = None, padding: int = 1):
         super().__init__()
         self.padding = padding
-        self.conv = nn.Conv2d(channels, out_channels or channels, kernel_size=3, stride=2, padding=padding)
+        self.conv = Conv2d(channels, out_channels or channels, kernel_size=3, stride=2, padding=padding)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x (b, c, H, W) -> (b, c', ceil(H/2), ceil(W/2)) with padding 1, (b, c', H//2, W//2) with padding 0."""
@@ -44,7 +46,7 @@ class Upsample2D(nn.Module):
 
     def __init__(self, channels: int, out_channels: Optional[int] = None):
         super().__init__()
-        self.conv = nn.Conv2d(channels, out_channels or channels, kernel_size=3, padding=1)
+        self.conv = Conv2d(channels, out_channels or channels, kernel_size=3, padding=1)
 
     def forward(self, x: torch.Tensor, output_size: Optional[Sequence[int]] = None) -> torch.Tensor:
         """x (b, c, H, W) -> (b, c', 2H, 2W), or (b, c', *output_size) when the skip connection has an odd size."""
