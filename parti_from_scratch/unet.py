@@ -140,8 +140,9 @@ class UNet2DConditionConfig:
                 if kind not in kinds:
                     raise ConfigError(f"{source}: {key} entry {kind!r} is not supported (only {kinds})")
         for key in ("layers_per_block", "cross_attention_dim", "transformer_layers_per_block",
-                    "only_cross_attention", "attention_head_dim"):
-            self.per_block(key, source)
+                    "only_cross_attention", "attention_head_dim", "num_attention_heads"):
+            if getattr(self, key) is not None:
+                self.per_block(key, source)
         if self.norm_num_groups is None:
             raise ConfigError(f"{source}: norm_num_groups=None is not supported")
 
