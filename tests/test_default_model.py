@@ -49,3 +49,14 @@ def test_unknown_words_warn_with_their_names(pipe):
         warnings.simplefilter("error")
         pipe("a large red circle on the left", num_inference_steps=1, guidance_scale=1.0,
              generator=[torch.Generator().manual_seed(0)], output_type="np", progress=False)
+
+
+@pytest.mark.parametrize("name", ["ddpm", "ddim", "pndm", "euler", "dpm"])
+def test_every_sampler_runs_on_the_shipped_model(pipe, name):
+    # the shipped config is DPM-Solver++'s (variance_type: null); DDPM built from it keeps its own default
+    out = pipe("a large red circle on the left", num_inference_steps=4, guidance_scale=SHIPPED_GUIDANCE,
+               generator=[torch.Generator().manual_seed(0)], output_type="np", scheduler=name, progress=False)
+    assert out.images.shape == (1, 64, 64, 3) and bool(torch.isfinite(torch.from_numpy(out.images)).all())
+    if name == "ddpm":
+        from parti_from_scratch.diffusion.schedulers import DDPMScheduler
+        assert DDPMScheduler.from_config(pipe.scheduler.config).config.variance_type == "fixed_small"

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from parti_from_scratch.train import (DistInfo, TrainError, check_batch_divisible, checkpoint_path,
                                       gather_global_batch, load_checkpoint, load_weights, save_weights,
                                       setup_distributed, shard_slice, teardown_distributed, train)
+from parti_from_scratch.train.distributed import map_sharded
 from test_train_loop import files_in, noisy_mse, toy_config, toy_dataset, toy_model
 
 REPO = Path(__file__).resolve().parents[1]
@@ -52,6 +53,18 @@ def test_global_batch_not_divisible_by_world_size_is_refused():
 def test_gather_global_batch_is_identity_in_one_process():
     x = torch.randn(3, 2, requires_grad=True)
     assert gather_global_batch(x) is x
+
+
+def _rows(start: int, stop: int) -> torch.Tensor:
+    """Rows start..stop-1 of a (n, 3) table whose row i is (i, 2i, 3i): each row knows its index."""
+    return torch.arange(start, stop, dtype=torch.float32)[:, None] * torch.tensor([1.0, 2.0, 3.0])
+
+
+def test_map_sharded_in_one_process_is_one_call():
+    calls = []
+    out = map_sharded(lambda a, b: calls.append((a, b)) or _rows(a, b), 7, DistInfo())
+    assert calls == [(0, 7)]
+    assert torch.equal(out, _rows(0, 7))
 
 
 def test_setup_without_torchrun_is_one_process(monkeypatch):
@@ -107,6 +120,11 @@ def test_two_processes_match_one_process(tmp_path):
     for rank in (0, 1):
         report = json.loads((tmp_path / "ddp" / f"report-rank{rank}.json").read_text())
         assert "not divisible by the world size 2" in report["odd_batch_error"]
+        # each rank encoded part of the rows and received the rest, in order; 2 rows split as 1 + 1, 1 as 1 + 0
+        calls = {7: [[[0, 4]], [[4, 7]]], 2: [[[0, 1]], [[1, 2]]], 1: [[[0, 1]], []]}
+        for n in (7, 2, 1):
+            assert report[f"map_sharded_{n}"] == _rows(0, n).tolist()
+            assert report[f"map_sharded_{n}_calls"] == calls[n][rank]
 
 
 def _worker(out: Path) -> None:
@@ -118,6 +136,10 @@ def _worker(out: Path) -> None:
         save_weights(result.model, out / f"{name}-rank{info.rank}.safetensors")
         save_weights(result.ema_model, out / f"{name}-ema-rank{info.rank}.safetensors")
     report = {}
+    for n in (7, 2, 1):
+        calls = []
+        report[f"map_sharded_{n}"] = map_sharded(lambda a, b: calls.append([a, b]) or _rows(a, b), n, info).tolist()
+        report[f"map_sharded_{n}_calls"] = calls
     try:
         train(toy_model(), noisy_mse, toy_dataset(), toy_config(out / "odd", batch_size=7))
     except TrainError as e:

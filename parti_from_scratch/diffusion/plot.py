@@ -16,6 +16,7 @@ from typing import Optional, Sequence
 
 import torch
 
+from ..figures import save_figure
 from .schedule import alpha_bar_from_betas, log_snr, make_betas
 
 # the beta ranges each schedule is used with (Ho et al. 2020; Stable Diffusion 1.x/2.x)
@@ -53,11 +54,7 @@ def plot_schedules(path: str | Path, num_train_timesteps: int = 1000, zero_snr: 
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=120)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:

@@ -182,3 +182,38 @@ def gather_global_batch(local: torch.Tensor) -> torch.Tensor:
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return local
     return _GatherWithGrad.apply(local)
+
+
+def current_info() -> DistInfo:
+    """The DistInfo of a process group that already exists (a single process when there is none)."""
+    if dist.is_available() and dist.is_initialized():
+        return DistInfo(rank=dist.get_rank(), world_size=dist.get_world_size(),
+                        local_rank=int(os.environ.get("LOCAL_RANK", "0")))
+    return DistInfo()
+
+
+def map_sharded(fn: Callable[[int, int], torch.Tensor], n: int, info: Optional[DistInfo] = None) -> torch.Tensor:
+    """fn(start, stop) -> rows start..stop-1 of an (n, ...) tensor, computed 1/N per process and gathered.
+
+    Process r computes the contiguous rows [r*ceil(n/N), (r+1)*ceil(n/N)); every process ends with all
+    n rows, exactly as one process calling fn(0, n) in pieces would. Used for the frozen encoders'
+    outputs before the UNet trains, so N processes do not each encode the whole dataset.
+    """
+    info = info or current_info()
+    if not info.is_distributed:
+        return fn(0, n)
+    per = -(-n // info.world_size)
+    start, stop = min(n, info.rank * per), min(n, (info.rank + 1) * per)
+    local = fn(start, stop) if stop > start else None
+    # every process needs the row shape and dtype, even one with no rows of its own
+    meta = [None] * info.world_size
+    dist.all_gather_object(meta, None if local is None else (tuple(local.shape[1:]), local.dtype))
+    shape, dtype = next(m for m in meta if m is not None)
+    padded = torch.zeros((per, *shape), dtype=dtype)
+    if local is not None:
+        padded[:len(local)] = local
+    if dist.get_backend() == "nccl":
+        padded = padded.cuda()
+    parts = [torch.empty_like(padded) for _ in range(info.world_size)]
+    dist.all_gather(parts, padded)
+    return torch.cat(parts)[:n].cpu()

@@ -234,10 +234,20 @@ class DiffusionScheduler:
             defaults = set(values.pop("_use_default_values", None) or ())
             values = {k: v for k, v in values.items() if k not in defaults}
         values.update(overrides)
+        # null for a key whose default is not None means "not set" (a DPM-Solver config's variance_type: null
+        # handed to DDPM keeps DDPM's own default, as diffusers' DDPM treats it like fixed_small)
+        values = {k: v for k, v in values.items() if v is not None or cls._default_is_none(k)}
         names = {f.name for f in dataclasses.fields(cls.config_class)} | set(cls.config_class.unsupported)
         scheduler = cls(**{k: v for k, v in values.items() if k in names})
         scheduler.config._carried = {k: v for k, v in values.items() if k not in names and not k.startswith("_")}
         return scheduler
+
+    @classmethod
+    def _default_is_none(cls, key: str) -> bool:
+        for f in dataclasses.fields(cls.config_class):
+            if f.name == key:
+                return f.default is None
+        return True
 
     @classmethod
     def from_pretrained(cls, path: PathLike, subfolder: Optional[str] = None) -> "DiffusionScheduler":

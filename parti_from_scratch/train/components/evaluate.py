@@ -19,6 +19,7 @@ import torch
 from parti_from_scratch.clip.model import CLIPModel
 from parti_from_scratch.clip.tokenizer import CLIPTokenizer
 from parti_from_scratch.data import Score, ShapesDataset, caption, score, summarise
+from parti_from_scratch.figures import save_figure
 
 from .clip import tokenize
 
@@ -106,8 +107,4 @@ def save_image_grid(images: np.ndarray, path: Union[str, Path], columns: int = 8
             if labels is not None:
                 ax.set_title(labels[k], fontsize=6 + scale, wrap=True)
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=100)
