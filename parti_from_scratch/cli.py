@@ -18,7 +18,7 @@ from typing import List, Optional
 SCHEDULER_NAMES = ("pndm", "ddim", "ddpm", "euler", "dpm")
 # sampler steps and guidance scale for the shipped model (measured: see its RECIPE.md)
 SHIPPED_STEPS = 20
-SHIPPED_GUIDANCE = 2.0
+SHIPPED_GUIDANCE = 5.0
 
 
 class UsageError(Exception):

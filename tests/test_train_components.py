@@ -11,7 +11,7 @@ from parti_from_scratch.train import StepRNG, TrainConfig, train
 from parti_from_scratch.train.components import (LatentCaptionDataset, caption_dropout_mask, clip_collate,
                                                  clip_loss_fn, build_clip, build_unet, build_vae, make_unet_loss,
                                                  training_scheduler)
-from parti_from_scratch.train.components.vae import image_collate, vae_loss_fn_with
+from parti_from_scratch.train.components.vae import finetune_decoder, image_collate, vae_loss_fn_with
 from parti_from_scratch.train.default_recipe import tiny_recipe, train_default
 
 
@@ -42,6 +42,19 @@ def test_vae_reconstruction_plus_kl_loss_decreases(tmp_path):
                    collate=image_collate)
     first, last = _first_last(result.history)
     assert last < 0.7 * first, (first, last)
+
+
+def test_decoder_finetuning_of_a_frozen_vae_trains_the_decoder_only(tmp_path):
+    """A trained VAE comes back frozen (an EMA copy); the second stage still trains its decoder, not its encoder."""
+    data = ShapesDataset("train", size=16, seed=0)
+    vae = build_vae(tiny_recipe().vae).eval().requires_grad_(False)
+    vae.config.scaling_factor = 0.5
+    tuned, _ = finetune_decoder(vae, data, _config(tmp_path, 3, 8))
+    before, after = vae.state_dict(), tuned.state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed and all(k.startswith(("decoder.", "post_quant_conv.")) for k in changed), sorted(changed)[:5]
+    assert any(k.startswith("decoder.") for k in changed)
+    assert tuned.config.scaling_factor == 0.5
 
 
 def _latent_dataset(n=16, d=32):
@@ -87,6 +100,50 @@ def test_caption_dropout_feeds_the_empty_prompt_states():
     assert (dropped ^ kept).all()
     assert dropped.float().mean().item() == pytest.approx(metrics["dropped"])
     assert 0.04 < metrics["dropped"] < 0.18
+
+
+def test_caption_dropout_feeds_the_empty_prompt_ids_to_a_trained_text_encoder():
+    """With the text encoder in the model, dropped captions become the ids of "" before it runs."""
+    from parti_from_scratch.train.components.unet import TextConditionedUNet
+
+    class FakeText(torch.nn.Module):
+        def forward(self, ids):
+            self.ids = ids
+            return (ids[..., None].float().expand(*ids.shape, 8),)
+
+    class FakeUNet(torch.nn.Module):
+        def forward(self, x_t, t, encoder_hidden_states):
+            self.c = encoder_hidden_states
+            return torch.zeros_like(x_t)
+
+    model = TextConditionedUNet(FakeUNet(), FakeText())
+    batch_size = 200
+    ids = torch.randint(10, 100, (batch_size, 77))
+    empty = torch.full((77,), 7)
+    loss_fn = make_unet_loss(training_scheduler(tiny_recipe().noise_schedule).alpha_bar, empty, 1.0, p_uncond=0.1)
+    mean = torch.zeros(batch_size, 4, 8, 8)
+    _, metrics = loss_fn(model, (mean, torch.zeros_like(mean), ids), StepRNG(3, 0, batch_size, slice(None)))
+    dropped = (model.text_encoder.ids == 7).all(dim=1)
+    kept = (model.text_encoder.ids == ids).all(dim=1)
+    assert (dropped ^ kept).all() and 0.04 < metrics["dropped"] < 0.18
+    assert torch.equal(model.unet.c[..., 0], model.text_encoder.ids.float())   # the UNet saw the encoder's states
+
+
+def test_train_default_with_text_encoder_finetuning_ships_the_finetuned_encoder(tmp_path):
+    from parti_from_scratch.clip.model import CLIPModel, CLIPTextModel
+
+    recipe = tiny_recipe()
+    recipe.finetune_text_encoder = True
+    recipe.unet_training.lr = 1e-2
+    folder = train_default(tmp_path / "run", recipe, device="cpu", progress=False)
+    shipped = CLIPTextModel.from_pretrained(folder / "text_encoder").float()
+    clip_text = CLIPModel.from_pretrained(tmp_path / "run" / "clip" / "model").text_model
+    saved = CLIPTextModel.from_pretrained(tmp_path / "run" / "unet" / "text_encoder")
+    a, b, c = shipped.state_dict(), clip_text.state_dict(), saved.state_dict()
+    assert set(a) == set(b) == set(c)
+    # the shipped encoder is the fine-tuned one (fp16 on disk), no longer CLIP's text tower
+    assert all(torch.allclose(a[k], c[k].half().float()) for k in a)
+    assert any(not torch.allclose(a[k], b[k].half().float()) for k in a)
 
 
 def test_train_default_tiny_recipe_writes_a_loadable_pipeline(tmp_path):

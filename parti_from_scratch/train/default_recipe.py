@@ -4,10 +4,11 @@ Three models are trained one after the other on the captioned shapes dataset
 (tutorial §3.3), each with the shared loop of train/loop.py:
 
 1. CLIP (text and vision towers, contrastive loss of tutorial §4.3): its text
-   tower becomes the pipeline's text encoder, frozen afterwards;
-2. the VAE (reconstruction + beta * KL): 64x64x3 images <-> 8x8x4 latents;
-3. the UNet eps_theta(z_t, t, c) on the frozen VAE's latents and the frozen
-   text encoder's states (L_simple, caption dropped 10% of the time).
+   tower becomes the pipeline's text encoder;
+2. the VAE (reconstruction + beta * KL): 64x64x3 images <-> 16x16x4 latents;
+3. the UNet eps_theta(z_t, t, c) on the frozen VAE's latents and the text
+   encoder's states (L_simple, caption dropped 10% of the time); with
+   `finetune_text_encoder` (the default) the text encoder trains with it.
 
 Every size and training setting lives in `Recipe` below; `default_recipe()` is
 the shipped model, `tiny_recipe()` a seconds-long version for tests. Run
@@ -72,7 +73,7 @@ def _clip_config(text_width: int = 64, text_layers: int = 2, vision_width: int =
     }
 
 
-def _vae_config(block_out_channels: Sequence[int] = (8, 32, 64, 64), groups: int = 8) -> dict:
+def _vae_config(block_out_channels: Sequence[int] = (16, 32, 64), groups: int = 8) -> dict:
     n = len(block_out_channels)
     return {"block_out_channels": list(block_out_channels), "down_block_types": ["DownEncoderBlock2D"] * n,
             "up_block_types": ["UpDecoderBlock2D"] * n, "layers_per_block": 1, "latent_channels": 4,
@@ -80,13 +81,16 @@ def _vae_config(block_out_channels: Sequence[int] = (8, 32, 64, 64), groups: int
 
 
 def _unet_config(block_out_channels: Sequence[int] = (32, 64, 128), cross_attention_dim: int = 64,
-                 sample_size: int = 8, heads: int = 4, groups: int = 8, layers_per_block: int = 1) -> dict:
+                 sample_size: int = 16, heads: int = 4, groups: int = 8, layers_per_block: int = 1,
+                 attention_levels: Sequence[int] = (1, 2)) -> dict:
     n = len(block_out_channels)
     return {"sample_size": sample_size, "in_channels": 4, "out_channels": 4,
             "block_out_channels": list(block_out_channels),
-            # cross-attention at every level but the coarsest; the mid block attends too
-            "down_block_types": ["CrossAttnDownBlock2D"] * (n - 1) + ["DownBlock2D"],
-            "up_block_types": ["UpBlock2D"] + ["CrossAttnUpBlock2D"] * (n - 1),
+            # cross-attention at the listed levels (0 = the finest); the mid block attends too
+            "down_block_types": ["CrossAttnDownBlock2D" if i in attention_levels else "DownBlock2D"
+                                 for i in range(n)],
+            "up_block_types": ["CrossAttnUpBlock2D" if n - 1 - i in attention_levels else "UpBlock2D"
+                               for i in range(n)],
             "layers_per_block": layers_per_block, "cross_attention_dim": cross_attention_dim,
             "attention_head_dim": heads, "norm_num_groups": groups}
 
@@ -102,20 +106,22 @@ class Recipe:
     vae_training: Training = field(default_factory=lambda: Training(
         steps=1000, batch_size=16, lr=2e-3, warmup_steps=50, ema_decay=0.99))
     vae_decoder_training: Training = field(default_factory=lambda: Training(
-        steps=1500, batch_size=16, lr=1e-3, warmup_steps=50, ema_decay=0.99))   # stage 2: decoder only
+        steps=500, batch_size=16, lr=1e-3, warmup_steps=50, ema_decay=0.99))   # stage 2: decoder only
     kl_beta: float = 1e-4                 # beta of L_rec + beta * KL (LDM's kl_weight convention)
     foreground_weight: float = 10.0       # pixels of the shapes weigh 1 + this in L_rec (the background 1)
     unet: dict = field(default_factory=_unet_config)
     unet_training: Training = field(default_factory=lambda: Training(
-        steps=5500, batch_size=64, lr=1e-3, warmup_steps=200, ema_decay=0.999))
+        steps=4000, batch_size=64, lr=1e-3, warmup_steps=200, ema_decay=0.999))
     p_uncond: float = 0.1                 # caption -> "" with this probability (classifier-free guidance)
+    finetune_text_encoder: bool = True    # the UNet's loss also trains the text encoder (from CLIP's text tower)
     # the training noise schedule (diffusers scheduler_config keys); samplers reuse it
     noise_schedule: dict = field(default_factory=lambda: {
         "num_train_timesteps": 1000, "beta_schedule": "linear", "beta_start": 1e-4, "beta_end": 0.02,
-        "prediction_type": "epsilon", "timestep_spacing": "trailing"})
+        "prediction_type": "epsilon", "timestep_spacing": "trailing",
+        "clip_sample": False})                # DDIM/DDPM built from the saved config must not clip latents to [-1, 1]
     sampler: str = "dpm"                  # the scheduler saved in the pipeline (a key of SCHEDULERS)
     sampler_steps: int = 20               # the generate command's default for this model
-    guidance_scale: float = 2.0           # likewise (swept 1.5..4 on 60 training prompts: 2.0 best)
+    guidance_scale: float = 5.0           # likewise (swept 1.5..10: 5.0 best on held-out combinations, see RECIPE.md)
     weights_dtype: str = "float16"        # dtype of the shipped weights on disk
 
     def training(self, component: str) -> Training:
@@ -154,7 +160,7 @@ def tiny_recipe() -> Recipe:
     return Recipe(
         clip=_clip_config(text_width=32, text_layers=1, vision_width=32, vision_layers=1, heads=2, projection_dim=16),
         clip_training=Training(steps=4, batch_size=8, lr=1e-3, ema_decay=None, dataset_size=64),
-        vae=_vae_config(block_out_channels=(8, 8, 8, 8), groups=4),
+        vae=_vae_config(block_out_channels=(8, 8, 8), groups=4),
         vae_training=Training(steps=3, batch_size=8, lr=1e-3, ema_decay=None, dataset_size=64),
         vae_decoder_training=Training(steps=2, batch_size=8, lr=1e-3, ema_decay=None, dataset_size=64),
         unet=_unet_config(block_out_channels=(8, 16), cross_attention_dim=32, heads=2, groups=4),
@@ -222,6 +228,7 @@ def _train_components(out_dir, recipe: Recipe, components, clip_dir, vae_dir, re
     from .checkpoint import ensure_writable_dir
     from .components import (LatentCaptionDataset, clip_retrieval, encode_texts, finetune_decoder, train_clip,
                              train_unet, train_vae, training_scheduler)
+    from .components.clip import tokenize
 
     unknown = [c for c in components if c not in COMPONENTS]
     if unknown:
@@ -287,13 +294,19 @@ def _train_components(out_dir, recipe: Recipe, components, clip_dir, vae_dir, re
     started = time.perf_counter()
     text_encoder = clip.text_model.cpu().eval().requires_grad_(False)
     vae = vae.cpu().eval().requires_grad_(False)
-    latents = LatentCaptionDataset.build(_dataset(recipe, "unet"), vae, text_encoder, tokenizer, progress)
-    empty_state = encode_texts(text_encoder, tokenizer, [""])[0]
+    joint = recipe.finetune_text_encoder        # then captions stay token ids and the text encoder trains too
+    latents = LatentCaptionDataset.build(_dataset(recipe, "unet"), vae, None if joint else text_encoder, tokenizer,
+                                         progress)
+    empty_state = tokenize(tokenizer, [""])[0] if joint else encode_texts(text_encoder, tokenizer, [""])[0]
     scheduler = training_scheduler(recipe.noise_schedule)
     precompute_seconds = round(time.perf_counter() - started, 1)
     unet, res = train_unet(recipe.unet, latents, empty_state, vae.config.scaling_factor, scheduler,
                            recipe.unet_training.train_config(out / "unet", recipe.seed, device, precision, progress),
-                           recipe.p_uncond, resume=resume)
+                           recipe.p_uncond, resume=resume, text_encoder=text_encoder if joint else None)
+    if joint:
+        unet, text_encoder = unet.unet, unet.text_encoder.cpu().eval().requires_grad_(False)
+        if is_main:
+            text_encoder.save_pretrained(out / "unet" / "text_encoder")
     unet = unet.cpu()
     if is_main:
         unet.save_pretrained(out / "unet" / "model")
@@ -317,7 +330,7 @@ def build_pipeline(recipe: Recipe, tokenizer, text_encoder, unet, vae):
     from parti_from_scratch.diffusion.schedulers import SCHEDULERS
     from parti_from_scratch.pipeline import TextToImagePipeline
 
-    scheduler = SCHEDULERS[recipe.sampler](**recipe.noise_schedule)
+    scheduler = SCHEDULERS[recipe.sampler].from_config(recipe.noise_schedule)   # keeps keys other samplers read
     return TextToImagePipeline(tokenizer, text_encoder, unet, vae, scheduler, vocabulary=VOCABULARY)
 
 

@@ -6,23 +6,32 @@ Ho et al. 2020, arXiv 2006.11239, Eq. 14, in the latent space of Rombach et al.
     L_simple = E_{z_0, c, t, eps} || eps - eps_theta( sqrt(alpha_bar_t) z_0 + sqrt(1 - alpha_bar_t) eps, t, c ) ||^2
 
 z_0 = scaling_factor * (mu + sigma * eps') is a sample of the frozen VAE's
-posterior for a training image, c the frozen text encoder's states (b, 77, d)
-for its caption, t ~ U{0, ..., T-1}, eps ~ N(0, I).
+posterior for a training image, c = E(caption) the text encoder's states
+(b, 77, d) for its caption, t ~ U{0, ..., T-1}, eps ~ N(0, I).
 
 Classifier-free guidance (Ho & Salimans 2022, arXiv 2207.12598, Algorithm 1):
 with probability p_uncond (10% here) the caption is replaced by the empty
 prompt "", so the same network also learns eps_theta(z_t, t, c_empty), the
 unconditional prediction that guidance extrapolates away from.
 
-Both frozen encoders run once, before training: the VAE posterior (mu, sigma)
-of every image of a fixed training set, and the text states of every distinct
-caption. A step then costs only the UNet's forward and backward pass.
+The frozen VAE runs once, before training: the posterior (mu, sigma) of every
+image of a fixed training set. The text encoder E either is frozen too (Stable
+Diffusion's choice: its states for every distinct caption are computed once, and
+a step costs only the UNet's forward and backward pass), or it starts from
+CLIP's text tower and trains together with the UNet (`TextConditionedUNet`),
+so that L_simple shapes the states the UNet attends to: a contrastive loss only
+asks the end-of-text state to summarise the whole caption, while the UNet needs
+each object's words bound to its position ("a red circle on the left and a blue
+square at the top"). The text tower costs little next to the UNet.
 """
 from __future__ import annotations
 
+import copy
 from typing import Any, Optional, Union
 
 import torch
+from torch import nn
+from torch.utils.data import Subset
 from tqdm.auto import tqdm
 
 from parti_from_scratch.clip.model import CLIPTextModel
@@ -32,6 +41,7 @@ from parti_from_scratch.diffusion.schedulers import DDPMScheduler
 from parti_from_scratch.unet import UNet2DConditionConfig, UNet2DConditionModel
 from parti_from_scratch.vae import AutoencoderKL
 
+from ..distributed import map_sharded
 from ..loop import StepRNG, TrainConfig, TrainResult, train
 from .common import seeded_init
 from .clip import tokenize
@@ -78,7 +88,8 @@ def encode_latents(vae: AutoencoderKL, dataset, batch_size: int = 256,
 class LatentCaptionDataset(torch.utils.data.Dataset):
     """Item i: (mu_i, sigma_i, c_i) = the VAE posterior of image i and the text states of its caption.
 
-    Text states are stored once per distinct caption; `caption_index[i]` points at them.
+    Text states are stored once per distinct caption; `caption_index[i]` points at them. c_i is
+    either the states (77, d), float, or the caption's token ids (77,), long (see `build`).
     """
 
     def __init__(self, mean: torch.Tensor, std: torch.Tensor, text_states: torch.Tensor,
@@ -87,15 +98,26 @@ class LatentCaptionDataset(torch.utils.data.Dataset):
         self.mean, self.std, self.text_states, self.caption_index = mean, std, text_states, caption_index
 
     @classmethod
-    def build(cls, dataset, vae: AutoencoderKL, text_encoder: CLIPTextModel, tokenizer: CLIPTokenizer,
+    def build(cls, dataset, vae: AutoencoderKL, text_encoder: Optional[CLIPTextModel], tokenizer: CLIPTokenizer,
               progress: bool = False) -> "LatentCaptionDataset":
-        """Run both frozen encoders over `dataset` (items (image, caption)) once."""
+        """Run the frozen encoders over `dataset` (items (image, caption)) once.
+
+        With text_encoder=None the captions are kept as token ids (n, 77), for a text encoder
+        that trains together with the UNet (TextConditionedUNet) and so cannot be run ahead.
+        """
         captions = [dataset[i][1] for i in range(len(dataset))] if not hasattr(dataset, "captions") \
             else list(dataset.captions)
         distinct = sorted(set(captions))
         where = {c: k for k, c in enumerate(distinct)}
-        states = encode_texts(text_encoder, tokenizer, distinct, progress=progress)
-        mean, std = encode_latents(vae, dataset, progress=progress)
+        # under torchrun each process encodes 1/N of the rows and receives the rest (map_sharded)
+        if text_encoder is None:
+            states = tokenize(tokenizer, distinct)
+        else:
+            states = map_sharded(lambda a, b: encode_texts(text_encoder, tokenizer, distinct[a:b],
+                                                           progress=progress), len(distinct))
+        posterior = map_sharded(lambda a, b: torch.cat(encode_latents(vae, Subset(dataset, range(a, b)),
+                                                                      progress=progress), dim=1), len(dataset))
+        mean, std = (part.contiguous() for part in posterior.chunk(2, dim=1))
         return cls(mean, std, states, torch.tensor([where[c] for c in captions]))
 
     def __len__(self) -> int:
@@ -110,36 +132,62 @@ def caption_dropout_mask(rng: StepRNG, p_uncond: float) -> torch.Tensor:
     return rng.bernoulli(p_uncond)
 
 
+class TextConditionedUNet(nn.Module):
+    """eps_theta(z_t, t, E(ids)): the UNet together with the text encoder E whose states it attends to.
+
+    Trained as one model when the text encoder is fine-tuned by the UNet's loss (the pipeline then
+    ships this text encoder; it starts from CLIP's text tower).
+    """
+
+    def __init__(self, unet: UNet2DConditionModel, text_encoder: CLIPTextModel):
+        super().__init__()
+        self.unet, self.text_encoder = unet, text_encoder
+
+    def forward(self, sample: torch.Tensor, timestep: torch.Tensor, input_ids: torch.Tensor):
+        return self.unet(sample, timestep, encoder_hidden_states=self.text_encoder(input_ids)[0])
+
+
 def make_unet_loss(alpha_bar: torch.Tensor, empty_state: torch.Tensor, scaling_factor: float,
                    p_uncond: float = 0.1):
     """The UNet's loss_fn for `train`: L_simple on z_0 = scaling_factor * (mu + sigma * eps').
 
-    alpha_bar: (T,) the training schedule; empty_state: (77, d) the text states of "".
+    alpha_bar: (T,) the training schedule; empty_state: (77, d) the text states of "", or for a
+    TextConditionedUNet the token ids of "" (77,), long.
     """
     num_train_timesteps = len(alpha_bar)
 
-    def loss_fn(model: UNet2DConditionModel, batch: Any, rng: StepRNG) -> tuple[torch.Tensor, dict]:
-        mean, std, c = batch                                   # (b, C, h, w), (b, C, h, w), (b, 77, d)
+    def loss_fn(model: nn.Module, batch: Any, rng: StepRNG) -> tuple[torch.Tensor, dict]:
+        mean, std, c = batch                                   # (b, C, h, w), (b, C, h, w), (b, 77, d) or (b, 77)
         # z_0 = scaling_factor * (mu + sigma * eps'): a fresh posterior sample each time the image is seen
         z0 = scaling_factor * (mean + std * rng.randn(*mean.shape[1:]))
         # classifier-free guidance training: c -> c_empty with probability p_uncond
         drop = caption_dropout_mask(rng, p_uncond)              # (b,)
-        c = torch.where(drop[:, None, None], empty_state.to(c), c)
+        c = torch.where(drop.view(-1, *[1] * (c.dim() - 1)), empty_state.to(c), c)
         t = rng.randint(0, num_train_timesteps)                 # (b,) t ~ U{0..T-1}
         eps = rng.randn(*mean.shape[1:])                        # (b, C, h, w) eps ~ N(0, I)
         # || eps - eps_theta(sqrt(alpha_bar_t) z_0 + sqrt(1 - alpha_bar_t) eps, t, c) ||^2
-        loss = l_simple(model, z0, t, alpha_bar, noise=eps, encoder_hidden_states=c)
+        condition = {"input_ids": c} if isinstance(model, TextConditionedUNet) else {"encoder_hidden_states": c}
+        loss = l_simple(model, z0, t, alpha_bar, noise=eps, **condition)
         return loss, {"dropped": drop.float().mean().item()}
     return loss_fn
 
 
 def train_unet(config: Union[dict, UNet2DConditionConfig], latents: LatentCaptionDataset,
                empty_state: torch.Tensor, scaling_factor: float, scheduler: DDPMScheduler,
-               train_config: TrainConfig, p_uncond: float = 0.1, resume: Optional[str] = None
+               train_config: TrainConfig, p_uncond: float = 0.1, resume: Optional[str] = None,
+               text_encoder: Optional[CLIPTextModel] = None
                ) -> tuple[UNet2DConditionModel, TrainResult]:
-    """Train eps_theta on precomputed latents and text states; returns the EMA model (or the model)."""
+    """Train eps_theta on precomputed latents and text states; returns the EMA model (or the model).
+
+    With `text_encoder` given, `latents` holds token ids (LatentCaptionDataset.build with
+    text_encoder=None), `empty_state` the ids of "", and a copy of the text encoder trains
+    together with the UNet: then the trained model is a TextConditionedUNet (`.unet`, `.text_encoder`).
+    """
     model = build_unet(config, train_config.seed)
-    loss_fn = make_unet_loss(scheduler.alpha_bar.float(), empty_state.float(), scaling_factor, p_uncond)
+    if text_encoder is not None:
+        model = TextConditionedUNet(model, copy.deepcopy(text_encoder).float().train().requires_grad_(True))
+    loss_fn = make_unet_loss(scheduler.alpha_bar.float(), empty_state if text_encoder is not None
+                             else empty_state.float(), scaling_factor, p_uncond)
     result = train(model, loss_fn, latents, train_config, resume=resume)
     trained = result.ema_model if result.ema_model is not None else result.model
     return trained.eval(), result

@@ -111,8 +111,9 @@ def finetune_decoder(vae: AutoencoderKL, dataset, train_config: TrainConfig, bet
     The loss is vae_loss_fn's; with the encoder frozen its KL term is a constant.
     The scaling_factor is kept, since the latents do not change.
     """
-    model = copy.deepcopy(vae).train()
-    # every parameter that shapes z is frozen: encoder and quant_conv
+    # a trained VAE may come frozen (an EMA copy): train the decoder, freeze
+    # every parameter that shapes z, the encoder and quant_conv
+    model = copy.deepcopy(vae).train().requires_grad_(True)
     model.encoder.requires_grad_(False)
     if model.quant_conv is not None:
         model.quant_conv.requires_grad_(False)
