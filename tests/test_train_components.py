@@ -146,6 +146,23 @@ def test_train_default_with_text_encoder_finetuning_ships_the_finetuned_encoder(
     assert any(not torch.allclose(a[k], b[k].half().float()) for k in a)
 
 
+def test_drop_colour_words_removes_only_colours_with_probability_p():
+    from parti_from_scratch.data import COLOURS
+    from parti_from_scratch.data.shapes import caption_words
+    from parti_from_scratch.train.components.unet import drop_colour_words
+
+    captions = ShapesDataset("train", size=400, seed=0).captions
+    assert drop_colour_words(captions, 0.0) == captions
+    dropped = drop_colour_words(captions, 1.0)
+    for before, after in zip(captions, dropped):
+        assert not set(caption_words(after)) & set(COLOURS)
+        assert [w for w in caption_words(before) if w not in COLOURS] == caption_words(after)
+    assert drop_colour_words(["a large red circle on the left"], 1.0) == ["a large circle on the left"]
+    some = drop_colour_words(captions, 0.25, seed=3)
+    assert some == drop_colour_words(captions, 0.25, seed=3)               # a function of the seed
+    assert 0.18 < sum(a != b for a, b in zip(some, captions)) / len(captions) < 0.32
+
+
 def test_train_default_tiny_recipe_writes_a_loadable_pipeline(tmp_path):
     from parti_from_scratch.data import VOCABULARY
     from parti_from_scratch.pipeline import TextToImagePipeline
@@ -155,7 +172,7 @@ def test_train_default_tiny_recipe_writes_a_loadable_pipeline(tmp_path):
                  "tokenizer", "scheduler"):
         assert (folder / name).exists(), name
     info = json.loads((folder / "recipe.json").read_text())
-    assert set(info["components"]) == {"clip", "vae", "vae_decoder", "unet"}
+    assert set(info["components"]) == {"clip", "vae", "vae_decoder", "unet", "unet_finetune"}
     assert all(row["seconds"] > 0 for row in info["components"].values())
     assert (folder / "vocabulary.txt").read_text().split() == sorted(VOCABULARY)
     pipe = TextToImagePipeline.from_pretrained(folder)

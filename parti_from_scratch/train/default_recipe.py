@@ -9,6 +9,9 @@ Three models are trained one after the other on the captioned shapes dataset
 3. the UNet eps_theta(z_t, t, c) on the frozen VAE's latents and the text
    encoder's states (L_simple, caption dropped 10% of the time); with
    `finetune_text_encoder` (the default) the text encoder trains with it.
+   A short second stage goes on with a quarter of the captions stripped of
+   their colour words, so that shape words alone decide the shape (this is
+   what draws colour x shape combinations never seen in training).
 
 Every size and training setting lives in `Recipe` below; `default_recipe()` is
 the shipped model, `tiny_recipe()` a seconds-long version for tests. Run
@@ -112,6 +115,9 @@ class Recipe:
     unet: dict = field(default_factory=_unet_config)
     unet_training: Training = field(default_factory=lambda: Training(
         steps=4000, batch_size=64, lr=1e-3, warmup_steps=200, ema_decay=0.999))
+    unet_finetune_training: Training = field(default_factory=lambda: Training(
+        steps=600, batch_size=64, lr=2e-4, warmup_steps=20, lr_schedule="constant", ema_decay=0.995))
+    p_drop_colour: float = 0.25           # stage 2 of the UNet: a caption loses its colour words with this probability
     p_uncond: float = 0.1                 # caption -> "" with this probability (classifier-free guidance)
     finetune_text_encoder: bool = True    # the UNet's loss also trains the text encoder (from CLIP's text tower)
     # the training noise schedule (diffusers scheduler_config keys); samplers reuse it
@@ -128,8 +134,12 @@ class Recipe:
         return getattr(self, f"{component}_training")
 
     def trainings(self, component: str) -> list[Training]:
-        """The training stages of a component (the VAE has two: all of it, then its decoder)."""
-        return [self.vae_training, self.vae_decoder_training] if component == "vae" else [self.training(component)]
+        """The training stages of a component (the VAE: all of it, then its decoder; the UNet: then colour dropout)."""
+        if component == "vae":
+            return [self.vae_training, self.vae_decoder_training]
+        if component == "unet":
+            return [self.unet_training, self.unet_finetune_training]
+        return [self.training(component)]
 
     def to_dict(self) -> dict:
         return json.loads(json.dumps(dataclasses.asdict(self)))
@@ -165,6 +175,7 @@ def tiny_recipe() -> Recipe:
         vae_decoder_training=Training(steps=2, batch_size=8, lr=1e-3, ema_decay=None, dataset_size=64),
         unet=_unet_config(block_out_channels=(8, 16), cross_attention_dim=32, heads=2, groups=4),
         unet_training=Training(steps=4, batch_size=8, lr=1e-3, ema_decay=None, dataset_size=64),
+        unet_finetune_training=Training(steps=2, batch_size=8, lr=1e-3, ema_decay=None, dataset_size=64),
         sampler_steps=2, guidance_scale=2.0)
 
 
@@ -186,8 +197,11 @@ def _model_folder(path: Union[str, Path], component: str) -> Path:
 
 
 def _result_file(out: Path, component: str) -> Path:
-    """Where a run's result.json goes: out/<component>/, the decoder stage in out/vae/decoder/."""
-    return out / ("vae/decoder" if component == "vae_decoder" else component) / "result.json"
+    """Where a run's result.json goes: out/<component>/, second stages in out/vae/decoder/ and out/unet/finetune/."""
+    return out / _STAGE_DIRS.get(component, component) / "result.json"
+
+
+_STAGE_DIRS = {"vae_decoder": "vae/decoder", "unet_finetune": "unet/finetune"}
 
 
 def _check_before_training(recipe: Recipe, components: Sequence[str]) -> None:
@@ -228,6 +242,7 @@ def _train_components(out_dir, recipe: Recipe, components, clip_dir, vae_dir, re
     from .checkpoint import ensure_writable_dir
     from .components import (LatentCaptionDataset, clip_retrieval, encode_texts, finetune_decoder, train_clip,
                              train_unet, train_vae, training_scheduler)
+    from .components.unet import finetune_with_colour_dropout
     from .components.clip import tokenize
 
     unknown = [c for c in components if c not in COMPONENTS]
@@ -303,6 +318,17 @@ def _train_components(out_dir, recipe: Recipe, components, clip_dir, vae_dir, re
     unet, res = train_unet(recipe.unet, latents, empty_state, vae.config.scaling_factor, scheduler,
                            recipe.unet_training.train_config(out / "unet", recipe.seed, device, precision, progress),
                            recipe.p_uncond, resume=resume, text_encoder=text_encoder if joint else None)
+    finish("unet", started, res, {"precompute_seconds": precompute_seconds})
+    # stage 2: the same images, some captions without their colour words (see finetune_with_colour_dropout)
+    if recipe.unet_finetune_training.steps > 0:
+        started = time.perf_counter()
+        unet, res = finetune_with_colour_dropout(
+            unet, latents, list(_dataset(recipe, "unet").captions), tokenizer, empty_state,
+            vae.config.scaling_factor, scheduler, recipe.p_drop_colour, recipe.seed,
+            recipe.unet_finetune_training.train_config(out / "unet" / "finetune", recipe.seed, device, precision,
+                                                       progress), recipe.p_uncond, resume=resume,
+            text_encoder=None if joint else text_encoder)
+        finish("unet_finetune", started, res, {"p_drop_colour": recipe.p_drop_colour})
     if joint:
         unet, text_encoder = unet.unet, unet.text_encoder.cpu().eval().requires_grad_(False)
         if is_main:
@@ -310,7 +336,6 @@ def _train_components(out_dir, recipe: Recipe, components, clip_dir, vae_dir, re
     unet = unet.cpu()
     if is_main:
         unet.save_pretrained(out / "unet" / "model")
-    finish("unet", started, res, {"precompute_seconds": precompute_seconds})
     if not is_main:
         return out / "pipeline"
     return write_pipeline(out / "pipeline", recipe, tokenizer, text_encoder, unet.cpu(), vae, results, command)
@@ -349,7 +374,7 @@ def write_pipeline(folder: Union[str, Path], recipe: Recipe, tokenizer, text_enc
              f"    {command}", "", f"seed {recipe.seed}; every size and setting is in recipe.json "
              "(parti_from_scratch/train/default_recipe.py holds the same values).", "",
              "| component | steps | batch | seconds | threads |", "|---|---|---|---|---|"]
-    for name in ("clip", "vae", "vae_decoder", "unet"):
+    for name in ("clip", "vae", "vae_decoder", "unet", "unet_finetune"):
         r = results.get(name, {})
         lines.append(f"| {name} | {r.get('steps', '?')} | {r.get('batch_size', '?')} | {r.get('seconds', '?')} "
                      f"| {r.get('threads', '?')} |")

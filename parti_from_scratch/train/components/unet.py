@@ -27,8 +27,10 @@ square at the top"). The text tower costs little next to the UNet.
 from __future__ import annotations
 
 import copy
+import re
 from typing import Any, Optional, Union
 
+import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import Subset
@@ -36,6 +38,7 @@ from tqdm.auto import tqdm
 
 from parti_from_scratch.clip.model import CLIPTextModel
 from parti_from_scratch.clip.tokenizer import CLIPTokenizer
+from parti_from_scratch.data import COLOURS
 from parti_from_scratch.diffusion.process import l_simple
 from parti_from_scratch.diffusion.schedulers import DDPMScheduler
 from parti_from_scratch.unet import UNet2DConditionConfig, UNet2DConditionModel
@@ -107,24 +110,35 @@ class LatentCaptionDataset(torch.utils.data.Dataset):
         """
         captions = [dataset[i][1] for i in range(len(dataset))] if not hasattr(dataset, "captions") \
             else list(dataset.captions)
-        distinct = sorted(set(captions))
-        where = {c: k for k, c in enumerate(distinct)}
         # under torchrun each process encodes 1/N of the rows and receives the rest (map_sharded)
-        if text_encoder is None:
-            states = tokenize(tokenizer, distinct)
-        else:
-            states = map_sharded(lambda a, b: encode_texts(text_encoder, tokenizer, distinct[a:b],
-                                                           progress=progress), len(distinct))
         posterior = map_sharded(lambda a, b: torch.cat(encode_latents(vae, Subset(dataset, range(a, b)),
                                                                       progress=progress), dim=1), len(dataset))
         mean, std = (part.contiguous() for part in posterior.chunk(2, dim=1))
-        return cls(mean, std, states, torch.tensor([where[c] for c in captions]))
+        return cls(mean, std, *_caption_table(captions, tokenizer, text_encoder, progress))
+
+    def with_captions(self, captions: list[str], tokenizer: CLIPTokenizer,
+                      text_encoder: Optional[CLIPTextModel] = None) -> "LatentCaptionDataset":
+        """The same latents with other captions (one per item): text states, or token ids if text_encoder is None."""
+        return LatentCaptionDataset(self.mean, self.std, *_caption_table(captions, tokenizer, text_encoder))
 
     def __len__(self) -> int:
         return len(self.mean)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         return self.mean[i], self.std[i], self.text_states[self.caption_index[i]]
+
+
+def _caption_table(captions: list[str], tokenizer: CLIPTokenizer, text_encoder: Optional[CLIPTextModel],
+                   progress: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """(one row per distinct caption: its states, or its token ids without a text encoder; row of each caption)."""
+    distinct = sorted(set(captions))
+    where = {c: k for k, c in enumerate(distinct)}
+    if text_encoder is None:
+        table = tokenize(tokenizer, distinct)
+    else:
+        table = map_sharded(lambda a, b: encode_texts(text_encoder, tokenizer, distinct[a:b], progress=progress),
+                            len(distinct))
+    return table, torch.tensor([where[c] for c in captions])
 
 
 def caption_dropout_mask(rng: StepRNG, p_uncond: float) -> torch.Tensor:
@@ -189,5 +203,45 @@ def train_unet(config: Union[dict, UNet2DConditionConfig], latents: LatentCaptio
     loss_fn = make_unet_loss(scheduler.alpha_bar.float(), empty_state if text_encoder is not None
                              else empty_state.float(), scaling_factor, p_uncond)
     result = train(model, loss_fn, latents, train_config, resume=resume)
+    trained = result.ema_model if result.ema_model is not None else result.model
+    return trained.eval(), result
+
+
+_COLOUR_WORD = re.compile(r"\b(?:" + "|".join(COLOURS) + r") ")
+
+
+def drop_colour_words(captions: list[str], p: float, seed: int = 0) -> list[str]:
+    """Each caption, with probability p, without its colour words: "a large red circle on the left" -> "a large circle on the left".
+
+    The draw is a function of (seed, position in the list) only.
+    """
+    keep = np.random.default_rng([seed, 7]).random(len(captions)) >= p
+    return [c if k else _COLOUR_WORD.sub("", c) for c, k in zip(captions, keep)]
+
+
+def finetune_with_colour_dropout(model: nn.Module, latents: LatentCaptionDataset, captions: list[str],
+                                 tokenizer: CLIPTokenizer, empty_state: torch.Tensor, scaling_factor: float,
+                                 scheduler: DDPMScheduler, p_drop_colour: float, seed: int, train_config: TrainConfig,
+                                 p_uncond: float = 0.1, resume: Optional[str] = None,
+                                 text_encoder: Optional[CLIPTextModel] = None) -> tuple[nn.Module, TrainResult]:
+    """Second UNet stage: L_simple again, on the same latents, where a caption has lost its colour words w.p. p.
+
+    A colour and a shape that never appear together in training ("a red triangle") are drawn
+    only if the shape word alone decides the shape. After the first stage the colour still
+    leans on it: the model has only seen red circles and red squares. Captions such as "a
+    large triangle on the left", for triangles of any training colour, teach the shape words
+    to carry their shape by themselves.
+
+    `model`: the first stage's UNet, or its TextConditionedUNet (then the text encoder keeps
+    training and `empty_state` holds the ids of ""); `captions`: one per item of `latents`;
+    `text_encoder`: the frozen encoder of a plain UNet, for the new captions' states.
+    """
+    joint = isinstance(model, TextConditionedUNet)
+    data = latents.with_captions(drop_colour_words(captions, p_drop_colour, seed), tokenizer,
+                                 None if joint else text_encoder)
+    model = copy.deepcopy(model).train().requires_grad_(True)
+    loss_fn = make_unet_loss(scheduler.alpha_bar.float(), empty_state if joint else empty_state.float(),
+                             scaling_factor, p_uncond)
+    result = train(model, loss_fn, data, train_config, resume=resume)
     trained = result.ema_model if result.ema_model is not None else result.model
     return trained.eval(), result
