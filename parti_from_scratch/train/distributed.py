@@ -81,8 +81,14 @@ def setup_distributed(device_type: str = "cpu", backend: Optional[str] = None) -
 
 
 def teardown_distributed(info: DistInfo) -> None:
-    """End the process group if `setup_distributed` created it."""
+    """End the process group if `setup_distributed` created it.
+
+    The barrier first: a process that finished its last collective must not close its connections
+    while another is still completing it (gloo then aborts that process).
+    """
     if info.owns_group and dist.is_initialized():
+        if info.is_distributed:
+            dist.barrier()
         dist.destroy_process_group()
 
 
