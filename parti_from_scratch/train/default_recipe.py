@@ -310,8 +310,8 @@ def _train_components(out_dir, recipe: Recipe, components, clip_dir, vae_dir, re
     text_encoder = clip.text_model.cpu().eval().requires_grad_(False)
     vae = vae.cpu().eval().requires_grad_(False)
     joint = recipe.finetune_text_encoder        # then captions stay token ids and the text encoder trains too
-    latents = LatentCaptionDataset.build(_dataset(recipe, "unet"), vae, None if joint else text_encoder, tokenizer,
-                                         progress)
+    unet_data = _dataset(recipe, "unet")
+    latents = LatentCaptionDataset.build(unet_data, vae, None if joint else text_encoder, tokenizer, progress)
     empty_state = tokenize(tokenizer, [""])[0] if joint else encode_texts(text_encoder, tokenizer, [""])[0]
     scheduler = training_scheduler(recipe.noise_schedule)
     precompute_seconds = round(time.perf_counter() - started, 1)
@@ -323,7 +323,7 @@ def _train_components(out_dir, recipe: Recipe, components, clip_dir, vae_dir, re
     if recipe.unet_finetune_training.steps > 0:
         started = time.perf_counter()
         unet, res = finetune_with_colour_dropout(
-            unet, latents, list(_dataset(recipe, "unet").captions), tokenizer, empty_state,
+            unet, latents, list(unet_data.captions), tokenizer, empty_state,
             vae.config.scaling_factor, scheduler, recipe.p_drop_colour, recipe.seed,
             recipe.unet_finetune_training.train_config(out / "unet" / "finetune", recipe.seed, device, precision,
                                                        progress), recipe.p_uncond, resume=resume,

@@ -200,8 +200,16 @@ def train_unet(config: Union[dict, UNet2DConditionConfig], latents: LatentCaptio
     model = build_unet(config, train_config.seed)
     if text_encoder is not None:
         model = TextConditionedUNet(model, copy.deepcopy(text_encoder).float().train().requires_grad_(True))
-    loss_fn = make_unet_loss(scheduler.alpha_bar.float(), empty_state if text_encoder is not None
-                             else empty_state.float(), scaling_factor, p_uncond)
+    return _train_eps_theta(model, latents, empty_state, scaling_factor, scheduler, train_config, p_uncond, resume)
+
+
+def _train_eps_theta(model: nn.Module, latents: LatentCaptionDataset, empty_state: torch.Tensor,
+                     scaling_factor: float, scheduler: DDPMScheduler, train_config: TrainConfig, p_uncond: float,
+                     resume: Optional[str]) -> tuple[nn.Module, TrainResult]:
+    """Run the loop with L_simple on `model` (a UNet or a TextConditionedUNet); return the EMA model (or the model)."""
+    joint = isinstance(model, TextConditionedUNet)           # then empty_state holds token ids, not states
+    loss_fn = make_unet_loss(scheduler.alpha_bar.float(), empty_state if joint else empty_state.float(),
+                             scaling_factor, p_uncond)
     result = train(model, loss_fn, latents, train_config, resume=resume)
     trained = result.ema_model if result.ema_model is not None else result.model
     return trained.eval(), result
@@ -240,8 +248,4 @@ def finetune_with_colour_dropout(model: nn.Module, latents: LatentCaptionDataset
     data = latents.with_captions(drop_colour_words(captions, p_drop_colour, seed), tokenizer,
                                  None if joint else text_encoder)
     model = copy.deepcopy(model).train().requires_grad_(True)
-    loss_fn = make_unet_loss(scheduler.alpha_bar.float(), empty_state if joint else empty_state.float(),
-                             scaling_factor, p_uncond)
-    result = train(model, loss_fn, data, train_config, resume=resume)
-    trained = result.ema_model if result.ema_model is not None else result.model
-    return trained.eval(), result
+    return _train_eps_theta(model, data, empty_state, scaling_factor, scheduler, train_config, p_uncond, resume)
