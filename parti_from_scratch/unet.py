@@ -398,11 +398,17 @@ class UNet2DConditionModel(nn.Module):
     @classmethod
     def from_pretrained(cls, path: Union[str, Path], subfolder: Optional[str] = None,
                         dtype: Optional[torch.dtype] = torch.float32) -> "UNet2DConditionModel":
-        """Load a diffusers UNet folder (config.json + diffusion_pytorch_model.safetensors or .bin), strictly."""
+        """Load a diffusers UNet folder (config.json + diffusion_pytorch_model.safetensors or .bin), strictly.
+
+        The documented upward edge (docs/ARCHITECTURE.md): the file layout lives in weights_convert.
+        """
         from weights_convert.diffusers_models import load_unet
         return load_unet(path, subfolder=subfolder, dtype=dtype)
 
     def save_pretrained(self, folder: Union[str, Path]) -> None:
-        """Write config.json and diffusion_pytorch_model.safetensors in diffusers' layout (diffusers loads it)."""
+        """Write config.json and diffusion_pytorch_model.safetensors in diffusers' layout (diffusers loads it).
+
+        The documented upward edge (docs/ARCHITECTURE.md): the file layout lives in weights_convert.
+        """
         from weights_convert.diffusers_models import save_unet
         save_unet(self, folder)

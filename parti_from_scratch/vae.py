@@ -285,11 +285,17 @@ class AutoencoderKL(nn.Module):
     @classmethod
     def from_pretrained(cls, path: Union[str, Path], subfolder: Optional[str] = None,
                         dtype: Optional[torch.dtype] = torch.float32) -> "AutoencoderKL":
-        """Load a diffusers AutoencoderKL folder (config.json + diffusion_pytorch_model.safetensors or .bin)."""
+        """Load a diffusers AutoencoderKL folder (config.json + diffusion_pytorch_model.safetensors or .bin).
+
+        The documented upward edge (docs/ARCHITECTURE.md): the file layout lives in weights_convert.
+        """
         from weights_convert.diffusers_models import load_vae
         return load_vae(path, subfolder=subfolder, dtype=dtype)
 
     def save_pretrained(self, folder: Union[str, Path]) -> None:
-        """Write config.json and diffusion_pytorch_model.safetensors in diffusers' layout (diffusers loads it)."""
+        """Write config.json and diffusion_pytorch_model.safetensors in diffusers' layout (diffusers loads it).
+
+        The documented upward edge (docs/ARCHITECTURE.md): the file layout lives in weights_convert.
+        """
         from weights_convert.diffusers_models import save_vae
         save_vae(self, folder)

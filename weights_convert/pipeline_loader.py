@@ -35,6 +35,22 @@ class NotAPipelineError(ConfigError):
     """The path is neither a diffusers pipeline folder nor a single-file Stable Diffusion checkpoint."""
 
 
+def load_pipeline(pipeline_cls: type, path: Union[str, Path], *, version: Optional[str] = None,
+                  prediction_type: Optional[str] = None, dtype: torch.dtype = torch.float32,
+                  vae: Union[str, Path, None] = None, configs: Optional[dict] = None):
+    """`pipeline_cls` built from `path` (folder or single file): what `TextToImagePipeline.from_pretrained` returns.
+
+    vae: optionally a standalone diffusers VAE folder that replaces the pipeline's own.
+    The other arguments are those of `load_pipeline_components`.
+    """
+    parts = load_pipeline_components(path, version=version, prediction_type=prediction_type, dtype=dtype,
+                                     configs=configs)
+    if vae is not None:
+        from parti_from_scratch.vae import AutoencoderKL
+        parts["vae"] = AutoencoderKL.from_pretrained(vae, dtype=dtype)
+    return pipeline_cls(**parts)
+
+
 def load_pipeline_components(path: Union[str, Path], version: Optional[str] = None,
                              prediction_type: Optional[str] = None,
                              dtype: torch.dtype = torch.float32, configs: Optional[dict] = None) -> Dict[str, Any]:

@@ -303,12 +303,16 @@ class _Pretrained(nn.Module):
 
         A full CLIPModel folder also loads as one of its towers. dtype=None keeps the file's dtype;
         torch_dtype, if given, is another name for dtype (the one diffusers' listings use).
+        The documented upward edge (docs/ARCHITECTURE.md): the file layout lives in weights_convert.
         """
         from weights_convert.transformers_clip import load_pretrained
         return load_pretrained(cls, path, subfolder=subfolder, dtype=dtype if torch_dtype is None else torch_dtype)
 
     def save_pretrained(self, folder: Union[str, Path]) -> None:
-        """Write config.json and model.safetensors in transformers' layout (transformers can load the folder)."""
+        """Write config.json and model.safetensors in transformers' layout (transformers can load the folder).
+
+        The documented upward edge (docs/ARCHITECTURE.md): the file layout lives in weights_convert.
+        """
         from weights_convert.transformers_clip import save_pretrained
         save_pretrained(self, folder)
 
