@@ -14,11 +14,14 @@ from __future__ import annotations
 
 import pickle
 import re
+import zipfile
 from pathlib import Path
 from typing import Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, TypeVar, Union
 
 import torch
 from torch import nn
+
+from weights_convert.pickle_scan import check_checkpoint_pickle, describe_refusal
 
 StateDict = Dict[str, torch.Tensor]
 PathLike = Union[str, Path]
@@ -53,6 +56,10 @@ def read_state_dict(path: PathLike, fallback: Optional[Callable[[Path], object]]
             return load_file(str(path), device="cpu")
         except (SafetensorError, OSError, ValueError, RuntimeError) as e:
             raise CheckpointError(f"{path}: not a valid safetensors file ({e})") from None
+    try:
+        check_checkpoint_pickle(path)  # nesting depth and pickle size, before anything is unpickled
+    except (ValueError, OSError, zipfile.BadZipFile) as e:
+        raise CheckpointError(f"{path}: refused: {e}") from None
     refused = False
     try:
         obj = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
@@ -61,13 +68,13 @@ def read_state_dict(path: PathLike, fallback: Optional[Callable[[Path], object]]
         try:
             obj = torch.load(str(path), map_location="cpu", weights_only=True)
         except Exception as e:  # noqa: BLE001 - reported with the file name
-            raise CheckpointError(f"{path}: refused or unreadable checkpoint ({type(e).__name__}: {e})") from None
+            raise CheckpointError(f"{path}: {describe_refusal(e)}") from None
     except pickle.UnpicklingError as e:
         if fallback is None:
-            raise CheckpointError(f"{path}: refused or unreadable checkpoint ({type(e).__name__}: {e})") from None
+            raise CheckpointError(f"{path}: {describe_refusal(e)}") from None
         refused = True  # the fallback runs below, outside this handler, so its own errors stand alone
     except Exception as e:  # noqa: BLE001 - unpickling errors come in many types
-        raise CheckpointError(f"{path}: refused or unreadable checkpoint ({type(e).__name__}: {e})") from None
+        raise CheckpointError(f"{path}: {describe_refusal(e)}") from None
     if refused:
         obj = fallback(path)
     if isinstance(obj, Mapping) and "state_dict" in obj and isinstance(obj["state_dict"], Mapping):

@@ -31,6 +31,13 @@ anything runs: the real `os.system` is never even looked up.
 Only the zip format (PyTorch >= 1.6, what every Stable Diffusion `.ckpt` uses)
 is read: `<archive>/data.pkl` holds the pickle and `<archive>/data/<key>` the
 raw bytes of each storage.
+
+Memory stays bounded by what the file declares: the pickle's nesting depth and
+size are checked before it is unpickled (`pickle_scan`), a storage record is
+read only if its size equals the numel x itemsize the pickle declares for it,
+and a tensor view is checked against its storage's bytes before it is built
+(`check_view`): `Tensor.set_` would otherwise grow the storage and fill the
+tensor with leftover process memory.
 """
 from __future__ import annotations
 
@@ -47,6 +54,7 @@ from typing import Any, Callable, Dict, Tuple, Union
 import torch
 
 from weights_convert.common import CheckpointError
+from weights_convert.pickle_scan import check_checkpoint_pickle
 
 # `torch.FloatStorage` ... name the dtype of a storage in the pickle; we only read `.dtype` off them.
 with warnings.catch_warnings():
@@ -118,15 +126,57 @@ class _StorageType:
         self.name, self.dtype = name, STORAGE_DTYPES[name]
 
 
+def check_view(nbytes: int, itemsize: int, offset: int, size: Tuple[int, ...], stride: Tuple[int, ...]) -> None:
+    """Refuse a tensor view that reads outside its storage's bytes (or more elements than the storage holds).
+
+    The elements a view reads lie at offset + sum_d i_d * stride_d, 0 <= i_d < size_d, the last one at
+    offset + sum_d (size_d - 1) * stride_d. `Tensor.set_` does not refuse a view past the end: it GROWS a
+    resizable storage, and the new bytes are whatever the allocator hands back (leftover process memory).
+    So the bounds are checked here, before any view exists.
+    """
+    if len(size) != len(stride):
+        raise pickle.UnpicklingError(f"tensor size {size} and stride {stride} have different lengths")
+    if offset < 0 or any(n < 0 for n in size) or any(s < 0 for s in stride):
+        raise pickle.UnpicklingError(f"negative tensor offset, size or stride (offset {offset}, size {size}, "
+                                     f"stride {stride})")
+    elements = nbytes // itemsize
+    numel = 1
+    for n in size:
+        numel *= n
+    if numel == 0:
+        if offset > elements:
+            raise pickle.UnpicklingError(f"tensor offset {offset} lies past the end of its storage ({elements} "
+                                         f"elements)")
+        return
+    last = offset + sum((n - 1) * s for n, s in zip(size, stride))
+    if last >= elements:
+        raise pickle.UnpicklingError(f"tensor (offset {offset}, size {size}, stride {stride}) reads element {last} "
+                                     f"of a storage of {elements} elements ({nbytes} bytes)")
+    if numel > elements:
+        # a stride-0 or overlapping view: memory stays bounded by the bytes the file declares
+        raise pickle.UnpicklingError(f"tensor of size {size} views {numel} elements of a storage of {elements} "
+                                     f"(a stride-0 or overlapping view); save it with .contiguous()")
+
+
 def _rebuild_tensor(storage: Any, storage_offset: Any, size: Any, stride: Any, *_ignored: Any) -> torch.Tensor:
     """A tensor viewing `storage` (untyped bytes, dtype) at offset/size/stride; hooks and metadata are dropped."""
     if not (isinstance(storage, tuple) and len(storage) == 2 and isinstance(storage[0], torch.UntypedStorage)):
         raise pickle.UnpicklingError(f"tensor rebuilt from {type(storage).__name__}, not from a storage record")
-    if not (isinstance(storage_offset, int) and all(isinstance(n, int) for n in (*size, *stride))):
+    if not (isinstance(size, (tuple, list)) and isinstance(stride, (tuple, list))):
+        raise pickle.UnpicklingError("tensor size and stride must be tuples of integers")
+    if not (_is_int(storage_offset) and all(_is_int(n) for n in (*size, *stride))):
         raise pickle.UnpicklingError("tensor offset, size and stride must be integers")
     untyped, dtype = storage
-    # set_ checks that offset + extent fits inside the storage
-    return torch.empty(0, dtype=dtype).set_(untyped, storage_offset, tuple(size), tuple(stride))
+    nbytes = untyped.nbytes()
+    check_view(nbytes, torch.empty((), dtype=dtype).element_size(), storage_offset, tuple(size), tuple(stride))
+    tensor = torch.empty(0, dtype=dtype).set_(untyped, storage_offset, tuple(size), tuple(stride))
+    if untyped.nbytes() != nbytes:  # check_view makes this unreachable; a storage must never grow
+        raise pickle.UnpicklingError("tensor view grew its storage")
+    return tensor
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _rebuild_parameter(data: Any, *_ignored: Any) -> torch.Tensor:
@@ -191,13 +241,18 @@ class RestrictedUnpickler(pickle.Unpickler):
             raise pickle.UnpicklingError(f"unsupported persistent id {pid!r}")
         _, storage_type, key, _location, numel = pid
         if key not in self.storages:
+            name = f"{self.prefix}data/{key}"
             try:
-                data = self.archive.read(f"{self.prefix}data/{key}")
+                info = self.archive.getinfo(name)
             except KeyError:
                 raise pickle.UnpicklingError(f"storage {key!r} is missing from the archive") from None
             itemsize = torch.empty((), dtype=storage_type.dtype).element_size()
-            if len(data) < numel * itemsize:
-                raise pickle.UnpicklingError(f"storage {key!r} holds {len(data)} bytes, expected {numel * itemsize}")
+            # the record's size is checked before it is read (or inflated): memory stays bounded by what the
+            # pickle declares, numel x itemsize, whatever the record's compressed size
+            if numel < 0 or info.file_size != numel * itemsize:
+                raise pickle.UnpicklingError(f"storage {key!r} is declared as {numel} x {itemsize} bytes, its record "
+                                             f"holds {info.file_size} bytes")
+            data = self.archive.read(info)
             self.storages[key] = torch.UntypedStorage.from_buffer(data, dtype=torch.uint8) if data \
                 else torch.UntypedStorage(0)
         return self.storages[key], storage_type.dtype
@@ -227,6 +282,10 @@ def restricted_load(path: Union[str, Path]) -> Any:
     if not zipfile.is_zipfile(path):
         raise CheckpointError(f"{path}: the restricted unpickler reads PyTorch's zip format only (PyTorch >= 1.6); "
                               f"this file is in the legacy format")
+    try:
+        check_checkpoint_pickle(path)  # nesting depth and pickle size, before anything is unpickled
+    except (ValueError, zipfile.BadZipFile) as e:
+        raise CheckpointError(f"{path}: refused: {e}") from None
     with zipfile.ZipFile(path) as archive:
         unpickler = RestrictedUnpickler(archive, _archive_prefix(archive, path))
         try:
