@@ -8,6 +8,11 @@ ones its listing imports, so the listing runs with only its import lines changed
 
 Names are resolved lazily, so `import parti_from_scratch` stays fast and a
 reader can import one chapter's module without building the others.
+
+This module is the package's facade: the top layer of docs/ARCHITECTURE.md.
+It names every public class, so nothing inside the package imports it; modules
+import each other by their full names (`from parti_from_scratch.unet import ...`).
+tests/test_import_graph.py reads the table below as this module's imports.
 """
 from __future__ import annotations
 
