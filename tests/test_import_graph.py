@@ -569,7 +569,7 @@ def test_checker_rejects_a_shim_that_computes_or_imports_elsewhere(tmp_path):
 
 def describe(graph: Graph) -> Iterator[str]:
     """The layer graph, then the module edges between layers, then the findings."""
-    yield "layer graph (source -> target: number of module edges):"
+    yield "layer graph (source layer -> target layer: number of import sites):"
     for (src, dst), edges in sorted(layer_graph(graph, LAYERS).items()):
         yield f"  {src} -> {dst}: {len(edges)}"
     permitted = permitted_edges(graph, PERMITTED_SHIMS, LAYERS)
@@ -584,8 +584,12 @@ def describe(graph: Graph) -> Iterator[str]:
         yield "cycle:"
         for e in cycle:
             yield f"  {e}"
-    for e in upward_edges(graph, LAYERS, PERMITTED_SHIMS):
+    cycles = module_cycles(graph, LAYERS, PERMITTED_SHIMS)
+    upward = upward_edges(graph, LAYERS, PERMITTED_SHIMS)
+    for e in upward:
         yield f"upward: {layer_of(e.source, LAYERS).name} -> {layer_of(e.target, LAYERS).name}: {e}"
+    yield f"{len(graph.modules)} modules, {len(graph.edges)} import sites, {len(cycles)} cycle(s), " \
+          f"{len(upward)} upward edge(s) besides the shims"
 
 
 if __name__ == "__main__":
