@@ -378,3 +378,64 @@ def test_fp16_on_cpu_is_refused(tmp_path):
 def test_cuda_without_gpu_is_refused(tmp_path):
     with pytest.raises(TrainError, match="no CUDA device is available"):
         train(toy_model(), noisy_mse, toy_dataset(), toy_config(tmp_path, device="cuda"))
+
+
+# --------------------------------------------------------------------------- killed runs and damaged metadata
+
+
+def test_temporaries_of_a_killed_save_are_removed_when_training_starts(tmp_path):
+    """A process killed between mkstemp and os.replace leaves `.step-*.safetensors.<random>.tmp`: the next run clears it."""
+    train(toy_model(), noisy_mse, toy_dataset(), toy_config(tmp_path, steps=3))
+    stale = [tmp_path / "checkpoints" / ".step-0000006.safetensors.k2j4x9_q.tmp", tmp_path / ".history.json.ab12cd34.tmp"]
+    for p in stale:
+        p.write_bytes(b"\0" * 1024)
+    keep = tmp_path / "checkpoints" / "notes.tmp"  # not a name atomic_write_bytes makes: left alone
+    keep.write_text("mine")
+    train(toy_model(), noisy_mse, toy_dataset(), toy_config(tmp_path, steps=3), resume="latest")
+    assert not any(p.exists() for p in stale) and keep.read_text() == "mine"
+
+
+def _damaged(tmp_path, **metadata_changes):
+    """A real checkpoint of the toy run with some header entries replaced."""
+    from safetensors.torch import save_file
+    result = train(toy_model(), noisy_mse, toy_dataset(), toy_config(tmp_path, steps=4))
+    tensors, metadata = read_safetensors(result.checkpoint)
+    path = tmp_path / "damaged.safetensors"
+    save_file(tensors, str(path), metadata={**metadata, **metadata_changes})
+    return path
+
+
+@pytest.mark.parametrize("changes, problem", [
+    ({"optimizer": json.dumps({"0.weight/step": "four"})}, "optimiser state is damaged"),
+    ({"optimizer": json.dumps({"0.weight/step": [1, 2]})}, "optimiser state is damaged"),
+    ({"optimizer": json.dumps([1, 2])}, "'optimizer' is a list"),
+    ({"history": json.dumps([{"loss": 1.0}])}, "'history' has a row"),
+    ({"extra": json.dumps({"window": {"count": "x"}})}, "'extra.window' is damaged"),
+    ({"step": "-3"}, "'step' is -3"),
+])
+def test_damaged_checkpoint_changes_nothing(tmp_path, changes, problem):
+    """Every part is checked (the optimiser by a rehearsal on copies) before any weight is assigned."""
+    path = _damaged(tmp_path, **changes)
+    model, ema = toy_model(seed=7), EMA(toy_model(seed=8), 0.9)
+    optimizer = torch.optim.AdamW(model.parameters())
+    before = [{k: v.clone() for k, v in m.state_dict().items()} for m in (model, ema.module)]
+    with pytest.raises(TrainError, match=rf"damaged\.safetensors.*{problem}"):
+        load_checkpoint(path, model, optimizer=optimizer, ema_model=ema.module)
+    for m, state in zip((model, ema.module), before):
+        assert all(torch.equal(v, state[k]) for k, v in m.state_dict().items())
+    assert len(optimizer.state) == 0
+
+
+def test_damaged_optimizer_moment_is_refused_before_loading(tmp_path):
+    """A moment of the wrong shape for its parameter: refused naming the key, the model untouched."""
+    from safetensors.torch import save_file
+    result = train(toy_model(), noisy_mse, toy_dataset(), toy_config(tmp_path, steps=4))
+    tensors, metadata = read_safetensors(result.checkpoint)
+    tensors = {k: (v[:1] if k == "optimizer/0.weight/exp_avg" else v) for k, v in tensors.items()}
+    path = tmp_path / "damaged.safetensors"
+    save_file(tensors, str(path), metadata=metadata)
+    model = toy_model(seed=7)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(TrainError, match=r"optimiser state 0\.weight/exp_avg has shape"):
+        load_checkpoint(path, model, optimizer=torch.optim.AdamW(model.parameters()))
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())

@@ -32,6 +32,7 @@ is removed when the write fails.
 """
 from __future__ import annotations
 
+import copy
 import json
 import os
 import re
@@ -51,6 +52,9 @@ PathLike = Union[str, Path]
 CHECKPOINT_FORMAT = "parti_from_scratch.train/1"
 _CHECKPOINT_NAME = re.compile(r"^step-(\d+)\.safetensors$")
 _CHUNK = 1 << 20  # bytes per os.write call
+# what atomic_write_bytes names its temporary file: "." + target name + "." + mkstemp's random part + ".tmp"
+_TEMPORARY_PREFIX, _TEMPORARY_SUFFIX = ".", ".tmp"
+_TEMPORARY_NAME = re.compile(r"^\..+\.[A-Za-z0-9_]{6,}\.tmp$")
 
 
 # --------------------------------------------------------------------------- atomic files
@@ -67,6 +71,20 @@ def ensure_writable_dir(folder: PathLike) -> Path:
     except OSError as e:
         raise TrainError(f"{folder}: output folder is not writable ({e.strerror or e})") from None
     return folder
+
+
+def remove_stale_temporaries(folder: PathLike) -> list[Path]:
+    """Delete the temporary files that `atomic_write_bytes` left in `folder` when a process was killed mid-write.
+
+    Only names of the form `.<target>.<random>.tmp` are touched; returns what was removed.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    stale = [p for p in folder.iterdir() if _TEMPORARY_NAME.match(p.name) and p.is_file()]
+    for p in stale:
+        p.unlink(missing_ok=True)
+    return stale
 
 
 def _write_fully(fd: int, data: bytes) -> None:
@@ -94,7 +112,7 @@ def _fsync_dir(folder: Path) -> None:
 def atomic_write_bytes(path: PathLike, data: bytes) -> Path:
     """Write `data` to `path` so that readers see the old file or the new one, never a part."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f"{_TEMPORARY_PREFIX}{path.name}.", suffix=_TEMPORARY_SUFFIX)
     try:
         try:
             _write_fully(fd, data)
@@ -206,6 +224,52 @@ def _unflatten_optimizer(tensors: Mapping[str, torch.Tensor], scalars: Mapping[s
     return {"state": state, "param_groups": current["param_groups"]}
 
 
+def _rehearse(action, what: str) -> None:
+    """Run `action` on throwaway objects; any failure is a TrainError naming `what`, before anything real changes."""
+    try:
+        action()
+    except Exception as e:  # noqa: BLE001 - a damaged state fails in many ways inside torch
+        raise TrainError(f"{what} is damaged ({type(e).__name__}: {e})") from None
+
+
+def _rehearse_optimizer_load(optimizer: torch.optim.Optimizer, state: dict, source: str) -> None:
+    """Load `state` into a scratch copy of `optimizer` over cloned parameters and take one step with it.
+
+    A state that loads but cannot be stepped with (a missing moment, a step count that is not a number)
+    fails here, on the copies, instead of after the model was already overwritten.
+    """
+    def rehearse() -> None:
+        groups = [{**g, "params": [p.detach().clone().requires_grad_(True) for p in g["params"]]}
+                  for g in optimizer.param_groups]
+        scratch = type(optimizer)(groups)
+        scratch.load_state_dict(copy.deepcopy(state))  # a copy: the step below works in place
+        for group in scratch.param_groups:
+            for p in group["params"]:
+                p.grad = torch.zeros_like(p)
+        scratch.step()
+    _rehearse(rehearse, f"{source}: optimiser state")
+
+
+def _check_metadata_types(source: str, **values: Any) -> None:
+    """The JSON entries of the header have the types the loop reads them as."""
+    expected = {"config": dict, "history": list, "optimizer": dict, "extra": dict, "scaler": (dict, type(None))}
+    for key, kind in expected.items():
+        if not isinstance(values[key], kind):
+            raise TrainError(f"{source}: checkpoint metadata {key!r} is a {type(values[key]).__name__}, "
+                             f"expected {kind.__name__ if isinstance(kind, type) else 'a dict'}")
+    if values["step"] < 0:
+        raise TrainError(f"{source}: checkpoint metadata 'step' is {values['step']}, expected >= 0")
+    for row in values["history"]:
+        if not (isinstance(row, dict) and isinstance(row.get("step"), int)
+                and all(isinstance(v, (int, float)) for v in row.values())):
+            raise TrainError(f"{source}: checkpoint metadata 'history' has a row that is not a dict of numbers "
+                             f"with an integer 'step': {str(row)[:80]}")
+    window = values["extra"].get("window")
+    if window is not None and not (isinstance(window, dict) and isinstance(window.get("count", 0), int)
+                                   and isinstance(window.get("sums", {}), dict)):
+        raise TrainError(f"{source}: checkpoint metadata 'extra.window' is damaged: {str(window)[:80]}")
+
+
 # --------------------------------------------------------------------------- checkpoints
 
 
@@ -269,6 +333,8 @@ def load_checkpoint(path: PathLike, model: nn.Module, *,
         scaler_state = json.loads(metadata["scaler"]) if "scaler" in metadata else None
     except (KeyError, ValueError) as e:
         raise TrainError(f"{source}: checkpoint metadata is damaged ({e})") from None
+    _check_metadata_types(source, step=step, config=config, history=history, optimizer=optimizer_scalars,
+                          extra=extra, scaler=scaler_state)
 
     model_state = _with_prefix(tensors, "model/")
     check_fits(model_state, model.state_dict(), f"{source} [model]")
@@ -280,6 +346,9 @@ def load_checkpoint(path: PathLike, model: nn.Module, *,
     optimizer_state = None
     if optimizer is not None:
         optimizer_state = _unflatten_optimizer(tensors, optimizer_scalars, optimizer, model, source)
+        _rehearse_optimizer_load(optimizer, optimizer_state, source)
+    if scaler is not None and scaler.is_enabled() and scaler_state is not None:
+        _rehearse(lambda: torch.amp.GradScaler("cpu").load_state_dict(scaler_state), f"{source}: scaler state")
 
     # every check passed: now change the objects
     model.load_state_dict(model_state, strict=True)

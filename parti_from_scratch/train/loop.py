@@ -62,7 +62,7 @@ from torch.utils.data import default_collate
 from tqdm.auto import tqdm
 
 from .checkpoint import (atomic_write_bytes, checkpoint_path, ensure_writable_dir, latest_checkpoint,
-                         load_checkpoint, prune_checkpoints, save_checkpoint)
+                         load_checkpoint, prune_checkpoints, remove_stale_temporaries, save_checkpoint)
 from .distributed import (DistInfo, all_reduce_mean, barrier, run_on_main, setup_distributed, shard_slice,
                           teardown_distributed)
 from .ema import EMA
@@ -471,6 +471,8 @@ def train(model: nn.Module, loss_fn: LossFn, dataset: Sequence, config: TrainCon
         out_dir = Path(config.out_dir)
         resume_path = _resume_path(resume, out_dir)
         run_on_main(lambda: ensure_writable_dir(out_dir), info)
+        # a run killed while writing a checkpoint leaves its temporary file behind: clear those first
+        run_on_main(lambda: [remove_stale_temporaries(d) for d in (out_dir, out_dir / "checkpoints")], info)
         engine = _Engine(model, loss_fn, dataset, config, collate, info, device)
         start = engine.resume(resume_path) if resume_path is not None else 0
         last = resume_path
