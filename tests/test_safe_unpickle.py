@@ -256,3 +256,25 @@ def test_refused_pickle_is_one_line_naming_the_global(tmp_path):
                        f"tensor type; nothing in the file was run")
     assert "\n" not in message and "\x1b" not in message and "weights_only" not in message
 
+
+
+def test_cli_reports_a_refused_pickle_in_a_model_folder_in_one_line(tmp_path, capsys):
+    """The shipped model's folder with its UNet weights replaced by a pickle that calls os.system."""
+    import shutil
+
+    from parti_from_scratch.cli import main
+    from parti_from_scratch.pipeline import DEFAULT_MODEL_DIR
+
+    class Payload:
+        def __reduce__(self):
+            return os.system, (f"touch {tmp_path / 'pwned'}",)
+
+    folder = tmp_path / "model"
+    shutil.copytree(DEFAULT_MODEL_DIR, folder)
+    (folder / "unet" / "diffusion_pytorch_model.safetensors").unlink()
+    torch.save({"conv_in.weight": Payload()}, folder / "unet" / "diffusion_pytorch_model.bin")
+    assert main(["generate", "a red circle", "--model", str(folder), "-o", str(tmp_path / "out.png")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "\x1b" not in err and "weights_only" not in err, err
+    assert "diffusion_pytorch_model.bin: refused: the pickle refers to" in err
+    assert not (tmp_path / "pwned").exists() and not (tmp_path / "out.png").exists()
