@@ -1,7 +1,5 @@
 """Vector quantisation (parti_from_scratch/parti/quantize.py): one test per equation, and parity with
 vector-quantize-pytorch's VectorQuantize and diffusers' VectorQuantizer (the quantizer of VQModel)."""
-import math
-
 import pytest
 import torch
 
@@ -109,7 +107,8 @@ def test_vq_loss_paper_eq3_closed_form():
 
 
 def test_vq_loss_legacy_is_beta_swap():
-    """diffusers' legacy form puts beta on the codebook term: L_legacy(beta) = beta L_paper(1 / beta), values and gradients."""
+    """diffusers' legacy form puts beta on the codebook term: L_legacy(beta) = beta L_paper(1 / beta),
+    in value and in both gradients."""
     z, e, beta = randn(2, 4, 3, 3, seed=15, dtype=F64), randn(2, 4, 3, 3, seed=16, dtype=F64), 0.25
     loss_p, gz_p, ge_p = _grads(lambda a, b: vq_loss(a, b, beta), z, e)
     loss_l, gz_l, ge_l = _grads(lambda a, b: vq_loss(a, b, beta, legacy=True), z, e)
@@ -171,7 +170,8 @@ def test_laplace_smoothing():
 
 
 def test_ema_codebook_update_closed_form():
-    """N_k <- g N_k + (1 - g) n_k, m_k <- g m_k + (1 - g) sum z, e_k = m_k / N_k', against a per-code loop in float64."""
+    """N_k <- g N_k + (1 - g) n_k, m_k <- g m_k + (1 - g) sum z, e_k = m_k / N_k', against a per-code loop
+    in float64."""
     K, d, g, eps = 5, 3, 0.9, 1e-5
     N, m = torch.rand(K, dtype=F64, generator=torch.Generator().manual_seed(19)) + 0.5, randn(K, d, seed=20, dtype=F64)
     z = randn(12, d, seed=21, dtype=F64)
@@ -190,7 +190,8 @@ def test_ema_codebook_update_closed_form():
 
 
 def test_restart_dead_codes():
-    """Codes with N_k < threshold become batch vectors with N_k = threshold and m_k = threshold e_k; others untouched."""
+    """Codes with N_k < threshold become batch vectors with N_k = threshold and m_k = threshold e_k;
+    the others are untouched."""
     K, d, thr = 6, 3, 1.0
     codebook, z = randn(K, d, seed=22), randn(10, d, seed=23)
     N = torch.tensor([2.0, 0.1, 5.0, 0.99, 1.0, 0.0])
@@ -293,8 +294,8 @@ def test_vector_quantizer_gradients_by_finite_differences(cosine, codebook_dim):
     with torch.no_grad():
         assert torch.equal(q.lookup(z_e(x)), idx)
         z_e_const = z_e(x)
-        num_x = central_difference(lambda t: (lin_out(z_e(t), W_out) * w_flat).sum() + beta * (z_e(t) - e).pow(2).mean(),
-                                   x.detach())
+        num_x = central_difference(
+            lambda t: (lin_out(z_e(t), W_out) * w_flat).sum() + beta * (z_e(t) - e).pow(2).mean(), x.detach())
         num_E = central_difference(lambda t: (z_e_const - norm(t)[idx]).pow(2).mean(), E)
     # sums of O(1) terms, differences over 2h = 2e-6: rounding ~1e-16 * 10 / 1e-6 = 1e-9, truncation O(h^2)
     tol = dict(rtol=0, atol=1e-7)

@@ -261,7 +261,12 @@ def perplexity(counts: torch.Tensor) -> torch.Tensor:
 
 @dataclass
 class VectorQuantizerConfig:
-    """Hyper-parameters of `VectorQuantizer`. Defaults: the factorised codebook of ViT-VQGAN and Parti (arXiv 2110.04627)."""
+    """Hyper-parameters of `VectorQuantizer`.
+
+    Defaults: the codebook of ViT-VQGAN and Parti's tokenizer (arXiv 2110.04627), 8192 l2-normalised codes of
+    32 dimensions. For the factorised lookup inside the quantizer, set embedding_dim to the encoder's width and
+    codebook_dim=32. A taming / diffusers VQGAN quantizer is `use_cosine_sim=False, legacy=True`.
+    """
     num_embeddings: int = 8192          # K, codebook size (diffusers' num_vq_embeddings; 8192 in ViT-VQGAN)
     embedding_dim: int = 32             # channels of the vectors coming in and going out (diffusers' vq_embed_dim)
     codebook_dim: Optional[int] = None  # width of the lookup space; None = embedding_dim and no projection,
