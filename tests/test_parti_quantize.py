@@ -340,6 +340,31 @@ def test_vector_quantizer_ema_training_closed_form():
     assert torch.equal(q.embedding.weight, e1)
 
 
+def test_vector_quantizer_restarts_dead_codes_of_a_gradient_codebook():
+    """Without EMA the counts are still tracked (N_k <- g N_k + (1 - g) n_k); codes no vector chose for long enough
+    are restarted on batch vectors, the used ones are left to the optimiser."""
+    K, d = 6, 2
+    q = VectorQuantizer(num_embeddings=K, embedding_dim=d, use_cosine_sim=False, decay=0.5,
+                        threshold_ema_dead_code=0.3).train()
+    far = torch.tensor([[100.0, 100.0], [-100.0, 100.0], [100.0, -100.0], [-100.0, -100.0]])
+    with torch.no_grad():
+        q.embedding.weight.copy_(torch.cat([torch.tensor([[0.5, 0.0], [-0.5, 0.0]]), far]))
+    q.reset_ema()
+    x = randn(1, 8, d, seed=80) * 0.3
+    q(x, generator=torch.Generator().manual_seed(0))
+    # N = 0.5 * 1 + 0.5 * n_k: the far codes are at 0.5, not yet dead
+    torch.testing.assert_close(q.cluster_size[2:], torch.full((4,), 0.5), rtol=0, atol=0)
+    assert torch.equal(q.embedding.weight[2:], far)
+    out = q(x, generator=torch.Generator().manual_seed(0))
+    assert set(out.indices.reshape(-1).tolist()) <= {0, 1}
+    # now at 0.25 < 0.3: restarted on vectors of the batch, with N = threshold
+    rows = q.embedding.weight[2:]
+    assert ((rows[:, None, :] == x[0][None, :, :]).all(-1).sum(1) == 1).all()
+    torch.testing.assert_close(q.cluster_size[2:], torch.full((4,), 0.3), rtol=0, atol=0)
+    assert torch.equal(q.embedding.weight[:2], torch.tensor([[0.5, 0.0], [-0.5, 0.0]]))
+    assert q.embedding.weight.requires_grad
+
+
 # --------------------------------------------------------------------------------------------
 # Parity with the reference implementations
 # --------------------------------------------------------------------------------------------

@@ -393,11 +393,12 @@ class VectorQuantizer(nn.Module):
         # (b n, c) -> (b, n, c)
         return rearrange(flat, "(b n) c -> b n c", b=b, n=n)
 
-    def lookup(self, z_e: torch.Tensor) -> torch.Tensor:
+    def lookup(self, z_e: torch.Tensor, codebook: Optional[torch.Tensor] = None) -> torch.Tensor:
         """k* for vectors already in the lookup space (projected, and normalised under cosine). (n, d) -> (n,)"""
+        codebook = self.codebook() if codebook is None else codebook
         if self.config.use_cosine_sim:
-            return cosine_nearest_code(z_e, self.codebook())
-        return nearest_code(z_e, self.codebook())
+            return cosine_nearest_code(z_e, codebook)
+        return nearest_code(z_e, codebook)
 
     def forward(self, z: torch.Tensor, generator: Optional[torch.Generator] = None) -> VectorQuantizerOutput:
         """z: (b, embedding_dim, h, w) or (b, n, embedding_dim). `generator` draws the dead-code restarts."""
@@ -410,7 +411,7 @@ class VectorQuantizer(nn.Module):
             z_e = l2_normalize(z_e)
         codebook = self.codebook()
         # k*: (N,)
-        indices = self.lookup(z_e)
+        indices = self.lookup(z_e, codebook)
         # e_{k*}: (N, d)
         code = F.embedding(indices, codebook)
         if cfg.use_ema:
