@@ -12,13 +12,16 @@ import csv
 import gzip
 import itertools
 import json
+import random
 import unicodedata
 import warnings
 from pathlib import Path
 
 import pytest
+import regex
 import torch
 
+from parti_from_scratch.clip.bpe import AFTER_UNICODE_9_NORMALIZATION, spell_bytes
 from parti_from_scratch.clip.tokenizer import (
     BYTE_LEVEL_PATTERN,
     BYTE_TO_UNICODE,
@@ -508,3 +511,156 @@ def test_special_token_flag_precedence_matches_reference(flags, vocab_folder, tm
     config = {"bos_token": _added("<|startoftext|>", True), "model_max_length": 77}
     config.update({key: choice[f] for key, f in zip(("eos_token", "unk_token", "pad_token"), flags)})
     _assert_special_handling_matches(_config_folder(vocab_folder, tmp_path, config, None))
+
+
+# ---- long inputs: work linear in the input ----------------------------------------------------
+class _CountingRanks(dict):
+    """The merge ranks, counting every lookup the merge loop makes."""
+
+    lookups = 0
+
+    def __contains__(self, pair):
+        _CountingRanks.lookups += 1
+        return super().__contains__(pair)
+
+    def __getitem__(self, pair):
+        _CountingRanks.lookups += 1
+        return super().__getitem__(pair)
+
+    def get(self, pair, default=None):
+        _CountingRanks.lookups += 1
+        return super().get(pair, default)
+
+
+def _random_word(alphabet: str, length: int, seed: int) -> str:
+    rng = random.Random(seed)
+    return "".join(rng.choice(alphabet) for _ in range(length))
+
+
+LETTERS = "abcdefghijklmnopqrstuvwxyz"
+EMOJI = "".join(chr(c) for c in range(0x1F300, 0x1F650))
+
+
+@pytest.mark.parametrize("alphabet", [LETTERS, EMOJI, "a"], ids=["letters", "emoji", "one_letter"])
+def test_bpe_merge_loop_work_is_linear_in_word_length(alphabet):
+    """Each merge costs O(1) rank lookups (a heap entry is pushed only after a lookup, so
+    lookups also bound the heap work): quadrupling a word quadruples the lookups, and
+    there are at most 6 per byte (n - 1 initial pairs and at most two new pairs for each
+    of at most n - 1 merges, each pair a membership test plus a rank read). Rescanning
+    the word after each merge (a quadratic loop) needs millions of lookups here."""
+    tokenizer = CLIPTokenizer()
+    tokenizer.model.bpe_ranks = _CountingRanks(tokenizer.model.bpe_ranks)
+    counts = {}
+    for length in (2_000, 8_000):
+        word = spell_bytes(_random_word(alphabet, length, seed=length))
+        _CountingRanks.lookups = 0
+        tokenizer.bpe(word)
+        counts[length] = _CountingRanks.lookups
+        assert counts[length] <= 6 * len(word), (length, counts[length])
+    # 4x the input, 4x the lookups (+10% for the word-dependent merge count)
+    assert counts[8_000] <= 4.4 * counts[2_000], counts
+
+
+@pytest.fixture(scope="module")
+def long_inputs() -> dict[str, str]:
+    """The inputs of a denial-of-service probe: one word of 100,000 characters."""
+    return {"letters": _random_word(LETTERS, 100_000, seed=0), "emoji": _random_word(EMOJI, 100_000, seed=1),
+            "one_letter": "a" * 100_000,
+            "many_words": " ".join(_random_word(LETTERS, 7, seed=i) for i in range(10_000))}
+
+
+@pytest.mark.parametrize("name", ["letters", "emoji", "one_letter", "many_words"])
+def test_long_input_ids_match_reference(name, long_inputs, ours, reference):
+    text = long_inputs[name]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the truncation warning
+        assert ours(text).input_ids == reference(text).input_ids
+        _assert_same_encoding(ours, reference, [text], return_tensors="pt", **TUTORIAL_CALL)
+
+
+def test_truncation_warning_shortens_the_dropped_text(ours, long_inputs):
+    with pytest.warns(UserWarning, match=r"dropped text: 'a+\.\.\. \(\d+ characters\)'") as record:
+        ours(long_inputs["one_letter"], **TUTORIAL_CALL)
+    assert len(str(record[0].message)) < 500
+
+
+# ---- Unicode normalization and fuzzing ---------------------------------------------------------
+def _nfc_probes(char: str) -> list[str]:
+    """Texts where NFC would reorder or compose `char` with its neighbours."""
+    return [f"a{char}\u0301", f"a\u0301{char}", f"a{char}\u0316", f"a\u0316{char}", f"a{char}{char}", f"x{char}\u05b0",
+            unicodedata.normalize("NFD", char), "\U00011935" + char]
+
+
+def test_nfc_differs_from_python_exactly_on_characters_after_unicode_9(reference):
+    """The reference normalizes with Unicode 9.0 tables, Python 3.11 with Unicode 14.0. The
+    characters where that matters are exactly those of AFTER_UNICODE_9_NORMALIZATION
+    (98 combining marks and U+11930), and clean_text matches the reference on all of them."""
+    normalize = reference.backend_tokenizer.normalizer.normalize_str
+    candidates = [chr(c) for c in range(0x110000) if not 0xD800 <= c <= 0xDFFF
+                  and (unicodedata.combining(chr(c)) or unicodedata.decomposition(chr(c)) or c == 0x11930)]
+    python_differs = set()
+    for char in candidates:
+        for text in _nfc_probes(char):
+            assert clean_text(text) == normalize(text), (hex(ord(char)), text)
+            # clean_text with Python's own NFC (Unicode 14.0) in place of the Unicode 9.0 one
+            if regex.sub(r"\s+", " ", unicodedata.normalize("NFC", text)).replace("Σ", "σ").lower() != normalize(text):
+                python_differs.add(char)
+    table = {chr(c) for c in range(0x110000) if AFTER_UNICODE_9_NORMALIZATION.fullmatch(chr(c))}
+    if unicodedata.unidata_version == "14.0.0":  # Python 3.11; a newer Python knows newer marks
+        assert len(table) == 99
+        assert python_differs == table | {"\U00011938"}  # U+11938 = U+11935 U+11930
+    assert clean_text("a\u1abf\u0301") == normalize("a\u1abf\u0301") == "a\u1abf\u0301"
+
+
+def _fuzz_pools() -> list[str]:
+    """Pools of characters a fuzzed text is drawn from; every character is assigned in
+    Python's Unicode database (unassigned code points are covered by the module docstring)."""
+    assigned = [c for c in range(0x110000)
+                if not 0xD800 <= c <= 0xDFFF and unicodedata.category(chr(c)) not in ("Cn", "Co", "Cs")]
+    marks = "".join(chr(c) for c in assigned if unicodedata.combining(chr(c)))
+    return [
+        LETTERS + LETTERS.upper() + "0123456789",
+        " \t\n\r\u00a0\u0085\u2028\u3000\x1c\x1f\u200b",
+        "!\"#$%&'()*+,-./:;<=>?@[\\]^_`{|}~’“”«»",
+        marks,
+        "àéîõüçñßøæœÀÉÎÕÜÇÑΣσςİıΑΒΓαβγДЖЯжя",
+        "一二三四五六七八九十猫狗马宇航员가나다라あいうアイウ",
+        EMOJI + "\u200d\ufe0f\U0001f3fb\U0001f3ff",
+        "".join(chr(random.Random(3).choice(assigned)) for _ in range(5000)),
+    ]
+
+
+FUZZ_WORDS = ["<|endoftext|>", "<|startoftext|>", "<|ENDOFTEXT|>", "'s", "'LL", "'Re", "&amp;"]
+
+
+def test_fuzzed_strings_match_reference(ours, reference):
+    """5,000 seeded random strings mixing letters, whitespace, punctuation, every combining
+    mark, case pairs, CJK, emoji, special strings and random assigned characters."""
+    rng = random.Random(0)
+    pools = _fuzz_pools()
+    texts = []
+    for _ in range(5000):
+        parts = [rng.choice(FUZZ_WORDS) if rng.random() < 0.05 else rng.choice(rng.choice(pools))
+                 for _ in range(rng.randint(1, 30))]
+        texts.append("".join(parts))
+    expected, mine = reference(texts).input_ids, ours(texts).input_ids
+    differ = [text for text, a, b in zip(texts, expected, mine) if a != b]
+    assert not differ, f"{len(differ)} of {len(texts)} differ, e.g. {[ascii(t) for t in differ[:3]]}"
+
+
+# ---- model_max_length from the folder ---------------------------------------------------------
+@pytest.mark.parametrize("bad", [0, -1, 1, 77.5, "77", True, [77], 10**12, 1e300])
+def test_bad_model_max_length_is_refused_naming_file_and_key(bad, vocab_folder, tmp_path):
+    folder = _config_folder(vocab_folder, tmp_path, {"model_max_length": bad}, None)
+    with pytest.raises(ValueError, match=r"tokenizer_config.json: key 'model_max_length': .*got"):
+        CLIPTokenizer.from_pretrained(folder)
+
+
+@pytest.mark.parametrize("value, expected", [(77, 77), (248, 248), (int(1e30), 77), (1e30, 77), (None, 77)])
+def test_model_max_length_no_limit_and_absent_mean_the_text_encoder_length(value, expected, vocab_folder, tmp_path):
+    config = {} if value is None else {"model_max_length": value}
+    assert CLIPTokenizer.from_pretrained(_config_folder(vocab_folder, tmp_path, config, None)).model_max_length == expected
+
+
+def test_max_token_id_is_exposed_for_the_text_encoder_check(ours):
+    assert ours.max_token_id == 49407 == ours.vocab_size - 1
