@@ -14,13 +14,18 @@ Both tokenizers keep a word cache, so the repeated runs are warm; the first ("co
 a freshly built tokenizer is reported separately. transformers' batched call runs in Rust
 on all cores; ours runs in one Python thread.
 
-    python benchmarks/tokenizer_throughput.py [--repeats 7]
+Then long inputs, one call each: a single word of `--long` random letters, of random emoji,
+and of one repeated letter. The merge loop costs O(n log n) in the word's length, so these
+take about a second at 100,000 characters, not minutes.
+
+    python benchmarks/tokenizer_throughput.py [--repeats 7] [--long 100000]
 """
 from __future__ import annotations
 
 import argparse
 import csv
 import json
+import random
 import statistics
 import sys
 import tempfile
@@ -66,9 +71,19 @@ def batched(tokenizer, prompts: list[str]) -> float:
     return time.perf_counter() - start
 
 
+def long_inputs(length: int) -> dict[str, str]:
+    """One word of `length` characters each, seeded."""
+    rng = random.Random(0)
+    emoji = [chr(c) for c in range(0x1F300, 0x1F650)]
+    return {"random letters": "".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(length)),
+            "random emoji": "".join(rng.choice(emoji) for _ in range(length)),
+            "one letter repeated": "a" * length}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--repeats", type=int, default=7, help="timed repetitions of each workload")
+    parser.add_argument("--long", type=int, default=100_000, help="characters of each long input (0: skip)")
     args = parser.parse_args()
     warnings.simplefilter("ignore")  # truncation warnings: some PartiPrompts exceed 77 tokens
     prompts = read_prompts()
@@ -95,6 +110,12 @@ def main() -> None:
                 for name in order:
                     rates[(name, workload)].append(len(prompts) / run(contenders[name], prompts))
 
+        long_seconds = {}
+        for label, text in (long_inputs(args.long) if args.long else {}).items():
+            for name in contenders:  # fresh tokenizers: a long word is never served from a cache
+                tokenizer = CLIPTokenizer() if name == "ours" else build_reference(Path(tmp))
+                long_seconds[(label, name)] = batched(tokenizer, [text])
+
     print(f"{len(prompts)} PartiPrompts, tokenizer(prompt, {', '.join(f'{k}={v!r}' for k, v in CALL.items())})")
     print(f"median of {args.repeats} alternating repetitions, prompts per second")
     print(f"{'workload':<22}{'ours':>12}{'transformers':>16}{'ours/transformers':>20}")
@@ -104,6 +125,11 @@ def main() -> None:
         print(f"{workload:<22}{ours_rate:>12,.0f}{ref_rate:>16,.0f}{ours_rate / ref_rate:>20.2f}")
     print(f"{'batched, cold cache':<22}{cold['ours']:>12,.0f}{cold['transformers']:>16,.0f}"
           f"{cold['ours'] / cold['transformers']:>20.2f}")
+    if long_seconds:
+        print(f"\none word of {args.long:,} characters, seconds per call")
+        print(f"{'input':<22}{'ours':>12}{'transformers':>16}")
+        for label in long_inputs(1):
+            print(f"{label:<22}{long_seconds[(label, 'ours')]:>12.2f}{long_seconds[(label, 'transformers')]:>16.2f}")
 
 
 if __name__ == "__main__":
