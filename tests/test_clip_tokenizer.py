@@ -665,11 +665,3 @@ def test_model_max_length_no_limit_and_absent_mean_the_text_encoder_length(value
 def test_max_token_id_is_exposed_for_the_text_encoder_check(ours):
     assert ours.max_token_id == 49407 == ours.vocab_size - 1
 
-
-def test_tokenizer_sources_compile_without_escape_warnings():
-    """An invalid escape such as "\\p" in a non-raw string warns (SyntaxWarning from Python 3.12)."""
-    package = Path(__file__).resolve().parent.parent / "parti_from_scratch" / "clip"
-    for name in ("bpe.py", "tokenizer.py", "tokenizer_files.py"):
-        with warnings.catch_warnings():
-            warnings.simplefilter("error")
-            compile((package / name).read_text(encoding="utf-8"), str(package / name), "exec")
