@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from typing import Iterator, Optional
+from typing import Iterator, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -180,8 +180,24 @@ class MultiHeadAttention(nn.Module):
         context = x if context is None else context
         # (b, n, h*d) -> (b, h, n, d)
         q = split_heads(self.q_proj(x), self.n_heads)
-        k = split_heads(self.k_proj(context), self.n_heads)
-        v = split_heads(self.v_proj(context), self.n_heads)
+        k, v = self.project_kv(context)
+        return self.attend(q, k, v, mask=mask, causal=causal)
+
+    def project_kv(self, context: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """K = context W^K, V = context W^V, split into heads: (b, n_k, context_dim) -> 2 x (b, h, n_k, d).
+
+        Separate from `forward` so a decoder can keep the keys and values of past
+        positions (a KV cache) and project only the new ones.
+        """
+        return split_heads(self.k_proj(context), self.n_heads), split_heads(self.v_proj(context), self.n_heads)
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor] = None,
+               causal: bool = False) -> torch.Tensor:
+        """Concat(head_1..head_h) W^O from projected heads q (b, h, n_q, d), k and v (b, h, n_k, d) -> (b, n_q, dim).
+
+        With causal=True and n_q < n_k, the queries are the last n_q positions
+        (`causal_mask` aligns the diagonal to the end), as in cached decoding.
+        """
         dtype = q.dtype
         if self.upcast and dtype in (torch.float16, torch.bfloat16):
             q, k, v = q.float(), k.float(), v.float()
