@@ -1,4 +1,4 @@
-"""Seconds to generate one 64x64 image with the shipped model (default steps and guidance).
+"""Seconds to generate one 64x64 image with the shipped model (the model's own steps and guidance).
 
     python benchmarks/generate_speed.py [--model PATH] [--runs 7] [--threads N]
 
@@ -15,7 +15,6 @@ import time
 
 import torch
 
-from parti_from_scratch.cli import SHIPPED_GUIDANCE, SHIPPED_STEPS
 from parti_from_scratch.pipeline import TextToImagePipeline
 
 
@@ -23,18 +22,21 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=None, help="pipeline folder (default: the shipped model)")
     parser.add_argument("--runs", type=int, default=7)
-    parser.add_argument("--steps", type=int, default=SHIPPED_STEPS)
-    parser.add_argument("--guidance", type=float, default=SHIPPED_GUIDANCE)
+    parser.add_argument("--steps", type=int, default=None, help="sampler steps (default: the model's own)")
+    parser.add_argument("--guidance", type=float, default=None, help="guidance scale (default: the model's own)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument("--prompt", default="a large red circle on the left")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     pipe = TextToImagePipeline.from_pretrained(args.model)
+    # the model's own sampler settings (its sampling_defaults.json) unless the flags name others
+    steps = args.steps if args.steps is not None else pipe.sampling_defaults.num_inference_steps
+    guidance = args.guidance if args.guidance is not None else pipe.sampling_defaults.guidance_scale
 
     def once(seed: int) -> float:
         start = time.perf_counter()
-        pipe(args.prompt, num_inference_steps=args.steps, guidance_scale=args.guidance,
+        pipe(args.prompt, num_inference_steps=steps, guidance_scale=guidance,
              generator=[torch.Generator().manual_seed(seed)], output_type="np", progress=False)
         return time.perf_counter() - start
 
@@ -42,7 +44,7 @@ def main() -> None:
     times = [once(seed) for seed in range(1, args.runs + 1)]
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     print(f"{statistics.median(times):.3f} s per image (median of {args.runs}; min {min(times):.3f}, "
-          f"max {max(times):.3f}); {args.steps} steps, guidance {args.guidance}, "
+          f"max {max(times):.3f}); {steps} steps, guidance {guidance}, "
           f"{torch.get_num_threads()} threads, load average {load:.1f}")
 
 

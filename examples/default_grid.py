@@ -12,7 +12,6 @@ import argparse
 
 import torch
 
-from parti_from_scratch.cli import SHIPPED_GUIDANCE, SHIPPED_STEPS
 from parti_from_scratch.data import HELDOUT_COMBOS, parse_caption
 from parti_from_scratch.pipeline import TextToImagePipeline
 from parti_from_scratch.train.components import generate_images, save_image_grid
@@ -36,7 +35,9 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     pipe = TextToImagePipeline.from_pretrained()
-    images = generate_images(pipe, PROMPTS, SHIPPED_STEPS, SHIPPED_GUIDANCE, seed=args.seed)
+    # the model's own sampler settings, from its sampling_defaults.json
+    defaults = pipe.sampling_defaults
+    images = generate_images(pipe, PROMPTS, defaults.num_inference_steps, defaults.guidance_scale, seed=args.seed)
     labels = []
     for image, prompt in zip(images, PROMPTS):
         scene = parse_caption(prompt)

@@ -21,12 +21,13 @@ from tqdm.auto import tqdm
 from parti_from_scratch import (AutoencoderKL, CLIPTextModel, CLIPTokenizer, PNDMScheduler,
                                 UNet2DConditionModel)
 from parti_from_scratch.pipeline import DEFAULT_MODEL_DIR
+from parti_from_scratch.sampling_defaults import SamplingDefaults
 
 parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
 parser.add_argument("--model", default=None, help="a diffusers pipeline folder (default: the shipped model)")
 parser.add_argument("--prompt", default="a large red circle on the left")
-parser.add_argument("--steps", type=int, default=25)
-parser.add_argument("--guidance", type=float, default=5.0)
+parser.add_argument("--steps", type=int, default=None, help="sampler steps (default: the model folder's own)")
+parser.add_argument("--guidance", type=float, default=None, help="guidance scale (default: the model folder's own)")
 parser.add_argument("--seed", type=int, default=0)
 parser.add_argument("-o", "--output", default="tutorial_5_3.png")
 args = parser.parse_args()
@@ -37,6 +38,10 @@ model_path = Path(args.model) if args.model else DEFAULT_MODEL_DIR
 if not (model_path / "model_index.json").is_file():
     raise SystemExit(f"{model_path}: not a diffusers pipeline folder (no model_index.json)")
 device = "cuda" if torch.cuda.is_available() else "cpu"  # FIX: `device` was never defined
+# the steps and guidance scale the model folder recommends (sampling_defaults.json; 50 and 7.5 without one)
+defaults = SamplingDefaults.read(model_path)
+steps = args.steps if args.steps is not None else defaults.num_inference_steps
+guidance = args.guidance if args.guidance is not None else defaults.guidance_scale
 
 # §5.2: load the four components
 vae = AutoencoderKL.from_pretrained(model_path, subfolder="vae").to(device)
@@ -69,7 +74,7 @@ text_embeddings = torch.cat([uncond_embeddings, text_embeddings])
 
 latents = torch.randn((len(prompt), unet.config.in_channels, height // vae_scale_factor, width // vae_scale_factor),
                       generator=generator).to(device)
-scheduler.set_timesteps(args.steps)  # FIX: the listing never set the number of inference steps
+scheduler.set_timesteps(steps)  # FIX: the listing never set the number of inference steps
 latents = latents * scheduler.init_noise_sigma
 
 for t in tqdm(scheduler.timesteps):
@@ -78,7 +83,7 @@ for t in tqdm(scheduler.timesteps):
     with torch.no_grad():
         noise_pred = unet(latent_model_input, t, encoder_hidden_states=text_embeddings).sample
     noise_pred_uncond, noise_pred_text = noise_pred.chunk(2)
-    noise_pred = noise_pred_uncond + args.guidance * (noise_pred_text - noise_pred_uncond)
+    noise_pred = noise_pred_uncond + guidance * (noise_pred_text - noise_pred_uncond)
     latents = scheduler.step(noise_pred, t, latents).prev_sample
 
 # FIX: divide by the VAE's own scaling factor (0.18215 for SD 1.x) instead of a hard-coded constant

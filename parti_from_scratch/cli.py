@@ -15,55 +15,63 @@ import sys
 from pathlib import Path
 from typing import List, Optional
 
-SCHEDULER_NAMES = ("pndm", "ddim", "ddpm", "euler", "dpm")
-# sampler steps and guidance scale for the shipped model (measured: see its RECIPE.md)
-SHIPPED_STEPS = 20
-SHIPPED_GUIDANCE = 5.0
+from parti_from_scratch.train.cli_commands import (MAX_SEED, MAX_STEPS, CommandError, add_eval_arguments,
+                                                   add_train_arguments, check_output_path, check_text,
+                                                   guidance_scale, positive_int, sampler_steps, scheduler_names,
+                                                   seed)
 
 
 class UsageError(Exception):
     """A bad argument or input file: reported as one line, exit code 2."""
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
+def shipped_model_facts() -> dict:
+    """The shipped model's sampler settings and VAE scale factor, read from its folder, and the settings of a
+    folder without sampling_defaults.json: the help quotes these, so it never goes stale."""
+    from parti_from_scratch.configuration import read_json
+    from parti_from_scratch.pipeline import DEFAULT_MODEL_DIR
+    from parti_from_scratch.sampling_defaults import SamplingDefaults
 
-
-def _multiple_of_8(text: str) -> int:
-    value = int(text)
-    if value < 8 or value % 8:
-        raise argparse.ArgumentTypeError(f"must be a positive multiple of 8, got {value}")
-    return value
-
-
-def _non_negative_float(text: str) -> float:
-    value = float(text)
-    if not value >= 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
-    return value
+    defaults = SamplingDefaults.read(DEFAULT_MODEL_DIR)
+    vae_blocks = len(read_json(DEFAULT_MODEL_DIR / "vae" / "config.json")["block_out_channels"])
+    return {"steps": defaults.num_inference_steps, "guidance": defaults.guidance_scale,
+            "scheduler": read_json(DEFAULT_MODEL_DIR / "model_index.json")["scheduler"][1],
+            "vae_scale_factor": 2 ** (vae_blocks - 1),
+            # what a folder without sampling_defaults.json (Stable Diffusion's) or a single file gets
+            "plain_steps": SamplingDefaults().num_inference_steps, "plain_guidance": SamplingDefaults().guidance_scale}
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="parti-from-scratch",
                                      description="Text-to-image generation written from scratch.")
     sub = parser.add_subparsers(dest="command", required=True)
+    shipped = shipped_model_facts()
+    defaults = (f"Steps, guidance and sampler default to the model's own: its sampling_defaults.json and "
+                f"scheduler/ (shipped model: {shipped['steps']} steps, guidance {shipped['guidance']:g}, "
+                f"{shipped['scheduler']}; a folder without sampling_defaults.json, or a single file: "
+                f"{shipped['plain_steps']} steps, guidance {shipped['plain_guidance']:g}).")
+    steps_help = (f"sampler steps, 1..{MAX_STEPS} (default: the model's own; shipped model: {shipped['steps']}, "
+                  f"Stable Diffusion: {shipped['plain_steps']})")
+    guidance_help = (f"classifier-free guidance scale, >= 0 (default: the model's own; shipped model: "
+                     f"{shipped['guidance']:g}, Stable Diffusion: {shipped['plain_guidance']:g})")
+    scheduler_help = f"sampler (default: the model's own scheduler/; shipped model: {shipped['scheduler']})"
 
-    g = sub.add_parser("generate", help="generate images from a prompt")
+    g = sub.add_parser("generate", help="generate images from a prompt", description=defaults)
     g.add_argument("prompt")
     g.add_argument("--model", default=None, help="diffusers folder or single-file checkpoint (default: shipped model)")
-    g.add_argument("-o", "--output", default="out.png", help="output PNG (image i of n is saved as out-i.png)")
+    g.add_argument("-o", "--output", default="out.png",
+                   help="output image, .png/.jpg/.webp/.tif (image i of n is saved as out-i.png)")
     g.add_argument("--negative", default=None, help="negative prompt")
-    g.add_argument("--steps", type=_positive_int, default=None, help="sampler steps (default: 25 shipped, 50 SD)")
-    g.add_argument("--guidance", type=_non_negative_float, default=None, help="classifier-free guidance scale")
-    g.add_argument("--seed", type=int, default=0, help="image i uses seed + i")
-    g.add_argument("--height", type=_multiple_of_8, default=None)
-    g.add_argument("--width", type=_multiple_of_8, default=None)
-    g.add_argument("--scheduler", choices=SCHEDULER_NAMES, default=None)
-    g.add_argument("--num-images", type=_positive_int, default=1)
-    g.add_argument("--grid", default=None, help="also save all images side by side to this PNG")
+    g.add_argument("--steps", type=sampler_steps, default=None, help=steps_help)
+    g.add_argument("--guidance", type=guidance_scale, default=None, help=guidance_help)
+    g.add_argument("--seed", type=seed, default=0, help="image i uses seed + i (0 .. 2**64 - 1)")
+    g.add_argument("--height", type=positive_int, default=None,
+                   help=f"a multiple of the model's VAE scale factor (shipped model: {shipped['vae_scale_factor']}, "
+                        "Stable Diffusion: 8); default: the UNet's sample size times it")
+    g.add_argument("--width", type=positive_int, default=None, help="likewise")
+    g.add_argument("--scheduler", choices=scheduler_names(), default=None, help=scheduler_help)
+    g.add_argument("--num-images", type=positive_int, default=1)
+    g.add_argument("--grid", default=None, help="also save all images side by side to this image file")
     g.add_argument("--version", choices=("1", "2"), default=None, help="SD version of a single-file checkpoint")
     g.add_argument("--quiet", action="store_true", help="no progress bar")
 
@@ -74,14 +82,14 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("schedules", help="plot beta_t, alpha_bar_t and the SNR of the noise schedules")
     s.add_argument("-o", "--output", default="schedules.png")
 
-    from parti_from_scratch.train.cli_commands import add_eval_arguments, add_train_arguments
     add_train_arguments(sub.add_parser("train", help="train the shipped model (or one part) from scratch"))
-    add_eval_arguments(sub.add_parser("eval", help="grade generated images with the shapes checker"))
+    add_eval_arguments(sub.add_parser("eval", help="grade generated images with the shapes checker",
+                                      description=defaults), steps_help, guidance_help, scheduler_help)
     return parser
 
 
 def save_grid(images, path: Path, columns: Optional[int] = None) -> None:
-    """Paste PIL images side by side (rows of `columns`) into one PNG."""
+    """Paste PIL images side by side (rows of `columns`) into one image file."""
     from PIL import Image
     columns = columns or len(images)
     rows = (len(images) + columns - 1) // columns
@@ -89,42 +97,61 @@ def save_grid(images, path: Path, columns: Optional[int] = None) -> None:
     grid = Image.new("RGB", (columns * w, rows * h))
     for i, im in enumerate(images):
         grid.paste(im, ((i % columns) * w, (i // columns) * h))
+    path.parent.mkdir(parents=True, exist_ok=True)
     grid.save(path)
 
 
+def output_paths(output: Path, n: int) -> List[Path]:
+    """out.png for one image; out-0.png ... out-{n-1}.png for n."""
+    return [output] if n == 1 else [output.with_name(f"{output.stem}-{i}{output.suffix}") for i in range(n)]
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
+    """Check every argument and path, load the model, check the sizes against it, then generate and save."""
     import torch
 
-    from parti_from_scratch.pipeline import TextToImagePipeline
+    from parti_from_scratch.pipeline import NonFiniteLatentsError, TextToImagePipeline
+
+    check_text("prompt", args.prompt)
+    if args.negative is not None:
+        check_text("--negative", args.negative)
+    if args.seed + args.num_images - 1 > MAX_SEED:
+        raise UsageError(f"--seed {args.seed}: image i uses seed + i, which passes 2**64 - 1 "
+                         f"for {args.num_images} images")
+    output = check_output_path("-o/--output", args.output)
+    paths = [check_output_path("-o/--output", str(p)) for p in output_paths(output, args.num_images)]
+    grid = check_output_path("--grid", args.grid) if args.grid else None
     if args.model is not None and not Path(args.model).exists():
         raise UsageError(f"--model {args.model}: no such file or folder")
     try:
         pipe = TextToImagePipeline.from_pretrained(args.model, version=args.version)
     except (ValueError, OSError) as e:
         raise UsageError(f"cannot load model: {e}") from None
-    shipped = args.model is None
-    steps = args.steps or (SHIPPED_STEPS if shipped else 50)
-    guidance = args.guidance if args.guidance is not None else (SHIPPED_GUIDANCE if shipped else 7.5)
+    f = pipe.vae_scale_factor
+    for flag, value in (("--height", args.height), ("--width", args.width)):
+        if value is not None and value % f:
+            raise UsageError(f"{flag} {value}: must be a multiple of {f} for this model (its VAE's scale factor)")
     generators = [torch.Generator().manual_seed(args.seed + i) for i in range(args.num_images)]
-    out = pipe(args.prompt, negative_prompt=args.negative, num_inference_steps=steps, guidance_scale=guidance,
-               height=args.height, width=args.width, generator=generators, num_images_per_prompt=args.num_images,
-               scheduler=args.scheduler, progress=not args.quiet)
-    output = Path(args.output)
+    try:
+        out = pipe(args.prompt, negative_prompt=args.negative, num_inference_steps=args.steps,
+                   guidance_scale=args.guidance, height=args.height, width=args.width, generator=generators,
+                   num_images_per_prompt=args.num_images, scheduler=args.scheduler, progress=not args.quiet)
+    except (ValueError, TypeError, NonFiniteLatentsError) as e:
+        raise UsageError(str(e)) from None
     output.parent.mkdir(parents=True, exist_ok=True)
-    paths = [output] if len(out.images) == 1 else [output.with_name(f"{output.stem}-{i}{output.suffix}")
-                                                   for i in range(len(out.images))]
     for im, p in zip(out.images, paths):
         im.save(p)
         print(p)
-    if args.grid:
-        save_grid(out.images, Path(args.grid))
-        print(args.grid)
+    if grid is not None:
+        save_grid(out.images, grid)
+        print(grid)
     return 0
 
 
 def cmd_tokenize(args: argparse.Namespace) -> int:
     """Print each BPE token of the prompt with its id, BOS and EOS included (tutorial §3.1)."""
     from parti_from_scratch.clip.tokenizer import CLIPTokenizer
+    check_text("prompt", args.prompt)
     try:
         tok = CLIPTokenizer.from_pretrained(args.tokenizer) if args.tokenizer else CLIPTokenizer()
     except (ValueError, OSError) as e:
@@ -138,25 +165,20 @@ def cmd_tokenize(args: argparse.Namespace) -> int:
 
 def cmd_schedules(args: argparse.Namespace) -> int:
     from parti_from_scratch.diffusion.plot import plot_schedules
+    check_output_path("-o/--output", args.output)
     plot_schedules(args.output)
     print(args.output)
     return 0
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from parti_from_scratch.train.cli_commands import CommandError, cmd_train as run
-    try:
-        return run(args)
-    except CommandError as e:
-        raise UsageError(str(e)) from None
+    from parti_from_scratch.train.cli_commands import cmd_train as run
+    return run(args)
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from parti_from_scratch.train.cli_commands import CommandError, cmd_eval as run
-    try:
-        return run(args)
-    except CommandError as e:
-        raise UsageError(str(e)) from None
+    from parti_from_scratch.train.cli_commands import cmd_eval as run
+    return run(args)
 
 
 COMMANDS = {"generate": cmd_generate, "tokenize": cmd_tokenize, "schedules": cmd_schedules,
@@ -168,7 +190,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = parser.parse_args(argv)          # argparse itself exits with code 2 and one usage line
     try:
         return COMMANDS[args.command](args)
-    except UsageError as e:
+    except (UsageError, CommandError) as e:
         print(f"parti-from-scratch {args.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

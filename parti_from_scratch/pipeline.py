@@ -5,7 +5,7 @@ Latent diffusion (Rombach et al. 2022, arXiv 2112.10752) in five steps:
 1. tokenize the prompt with CLIP's BPE (`CLIPTokenizer`), pad to 77 tokens;
 2. encode it: c = CLIPTextModel(tokens)[0], one 768-d (SD 1.x) vector per token;
 3. start from Gaussian noise z_T ~ N(0, sigma_init^2 I) in the VAE's latent space
-   (4 x H/8 x W/8) and run the sampler: at each t, eps_theta(z_t, t, c) from the
+   (4 x H/f x W/f, f = vae_scale_factor: 8 for SD, 4 for the shipped model) and run the sampler: at each t, eps_theta(z_t, t, c) from the
    UNet, then z_{t-1} = scheduler.step(eps_theta, t, z_t);
 4. decode: x = VAE.decode(z_0 / scaling_factor);
 5. map x from [-1, 1] to [0, 1] pixels.
@@ -23,12 +23,15 @@ washed-out, low-contrast and only vaguely on-prompt. w = 7.5 extrapolates
 past the conditional prediction, trading diversity for fidelity.
 
 The same class serves Stable Diffusion weights (a diffusers folder or a
-single-file checkpoint) and the small model this package ships.
+single-file checkpoint) and the small model this package ships. Steps and w
+default to the model folder's own (sampling_defaults.py: 20 and 5.0 for the
+shipped model, 50 and 7.5 for Stable Diffusion).
 """
 from __future__ import annotations
 
 import inspect
 import math
+import numbers
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,6 +41,10 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from parti_from_scratch.diffusion.process import randn
+from parti_from_scratch.outputs import ModelOutput
+from parti_from_scratch.sampling_defaults import SamplingDefaults
+
 PromptType = Union[str, Sequence[str]]
 GeneratorType = Union[torch.Generator, Sequence[torch.Generator], None]
 
@@ -46,72 +53,108 @@ DEFAULT_MODEL_DIR = Path(__file__).resolve().parent / "assets" / "default_model"
 
 
 @dataclass
-class TextToImagePipelineOutput:
+class TextToImagePipelineOutput(ModelOutput):
     """`images`: a list of PIL images, an (N, H, W, 3) float array in [0, 1], or an (N, 3, H, W) tensor."""
     images: Any
 
-    def __getitem__(self, i):
-        return (self.images,)[i]
+
+class NonFiniteLatentsError(FloatingPointError):
+    """Sampling produced NaN or infinite values (broken weights, or a guidance scale far too large)."""
 
 
-def _as_list(prompt: PromptType) -> List[str]:
+def _as_list(prompt: PromptType, name: str = "prompt") -> List[str]:
     if isinstance(prompt, str):
-        return [prompt]
-    if isinstance(prompt, (list, tuple)) and all(isinstance(p, str) for p in prompt):
-        return list(prompt)
-    raise TypeError(f"prompt must be a str or a list of str, got {type(prompt).__name__}")
-
-
-def randn_latents(shape: Sequence[int], generator: GeneratorType = None, dtype: torch.dtype = torch.float32,
-                  device: Union[str, torch.device, None] = None) -> torch.Tensor:
-    """Standard normal noise of `shape`; with a list of generators, image i draws from generator i.
-
-    One generator per image makes each image a function of its own seed only,
-    independent of what else is in the batch.
-    """
-    shape = tuple(shape)
-    if isinstance(generator, (list, tuple)):
-        if len(generator) == 1:
-            generator = generator[0]
-        else:
-            if len(generator) != shape[0]:
-                raise ValueError(f"got {len(generator)} generators for a batch of {shape[0]} images")
-            # (1, c, h, w) per image -> (n, c, h, w)
-            return torch.cat([torch.randn((1,) + shape[1:], generator=g, dtype=dtype) for g in generator]).to(device)
-    return torch.randn(shape, generator=generator, dtype=dtype).to(device)
+        prompts = [prompt]
+    elif isinstance(prompt, (list, tuple)) and all(isinstance(p, str) for p in prompt):
+        prompts = list(prompt)
+    else:
+        raise TypeError(f"{name} must be a str or a list of str, got {type(prompt).__name__}")
+    if not prompts:
+        raise ValueError(f"{name} is an empty list: give at least one prompt")
+    for p in prompts:
+        try:
+            p.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise ValueError(f"{name} {p!r} is not valid text: {e.reason} at character {e.start}") from None
+    return prompts
 
 
 def preprocess_image(image: Any, vae_scale_factor: int = 8) -> torch.Tensor:
-    """A PIL image, an (H, W, 3)/(N, H, W, 3) array in [0, 1] or an (N, 3, H, W) tensor -> (N, 3, H, W) in [-1, 1].
+    """The `image` argument of image-to-image -> (N, 3, H, W) pixels in [-1, 1].
 
-    Sizes are rounded down to a multiple of `vae_scale_factor` (Lanczos resize for PIL images).
+    Accepted: PIL images (resized down to multiples of `vae_scale_factor`, Lanczos);
+    numpy arrays (H, W, 3) or (N, H, W, 3), uint8 in 0..255 or float in [0, 1];
+    tensors (3, H, W) or (N, 3, H, W), uint8 in 0..255, or float in [0, 1], or in
+    [-1, 1] when they hold a negative value (the convention diffusers follows).
+    Arrays and tensors are not resized: H and W must be multiples of `vae_scale_factor`.
+    A list holds images of one kind and size.
     """
     from PIL import Image
 
-    images = image if isinstance(image, (list, tuple)) else [image]
-    if isinstance(images[0], Image.Image):
+    images = list(image) if isinstance(image, (list, tuple)) else [image]
+    if not images:
+        raise ValueError("image is an empty list: give at least one image")
+    kind = next((k for k in (Image.Image, np.ndarray, torch.Tensor) if isinstance(images[0], k)), None)
+    if kind is None or not all(isinstance(im, kind) for im in images):
+        raise TypeError("image must be a PIL image, a numpy array or a tensor (or a list of one of them), got "
+                        + ", ".join(sorted({type(im).__name__ for im in images})))
+    if kind is Image.Image:
         w, h = images[0].size
         w8, h8 = (w // vae_scale_factor) * vae_scale_factor, (h // vae_scale_factor) * vae_scale_factor
+        if w8 == 0 or h8 == 0:
+            raise ValueError(f"image is {w}x{h} pixels, smaller than the VAE's scale factor {vae_scale_factor}")
         arrays = []
         for im in images:
             im = im.convert("RGB")
             if im.size != (w8, h8):
                 im = im.resize((w8, h8), resample=Image.LANCZOS)
-            arrays.append(np.asarray(im).astype(np.float32) / 255.0)
-        # (n, h, w, 3) -> (n, 3, h, w)
+            arrays.append(np.asarray(im))
+        # (n, h, w, 3) uint8 -> (n, 3, h, w)
         x = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2)
-    elif isinstance(images[0], np.ndarray):
-        arr = np.concatenate(images) if images[0].ndim == 4 else np.stack(images)
-        x = torch.from_numpy(arr.astype(np.float32)).permute(0, 3, 1, 2)
-    elif isinstance(images[0], torch.Tensor):
-        x = torch.cat(images) if images[0].ndim == 4 else torch.stack(images)
-        x = x.float()
-        if x.min() < 0:      # already in [-1, 1]
-            return x
+    elif kind is np.ndarray:
+        if any(a.ndim not in (3, 4) or a.shape[-1] != 3 for a in images):
+            raise ValueError(f"image: a numpy array must be (H, W, 3) or (N, H, W, 3), got shape(s) "
+                             f"{', '.join(str(a.shape) for a in images)}")
+        x = torch.from_numpy(np.ascontiguousarray(_concatenate([a[None] if a.ndim == 3 else a for a in images])))
+        # (n, h, w, 3) -> (n, 3, h, w)
+        x = x.permute(0, 3, 1, 2)
     else:
-        raise TypeError(f"image must be a PIL image, a numpy array or a tensor, got {type(images[0]).__name__}")
-    if x.shape[1] != 3:
-        raise ValueError(f"image must have 3 channels, got shape {tuple(x.shape)}")
+        if any(t.ndim not in (3, 4) or t.shape[-3] != 3 for t in images):
+            raise ValueError(f"image: a tensor must be (3, H, W) or (N, 3, H, W), got shape(s) "
+                             f"{', '.join(str(tuple(t.shape)) for t in images)}")
+        x = _concatenate([t[None] if t.ndim == 3 else t for t in images])
+    if x.shape[-2] % vae_scale_factor or x.shape[-1] % vae_scale_factor or 0 in x.shape:
+        raise ValueError(f"image is {x.shape[-1]}x{x.shape[-2]} pixels; width and height must be positive multiples "
+                         f"of the VAE's scale factor {vae_scale_factor}")
+    return _pixels_to_unit_range(x, is_tensor=kind is torch.Tensor)
+
+
+def _concatenate(parts: list):
+    """(n_i, ...) arrays or tensors -> (sum n_i, ...), with an error naming `image` when their shapes differ."""
+    if len({tuple(p.shape[1:]) for p in parts}) > 1:
+        raise ValueError(f"image: the images differ in shape: {', '.join(str(tuple(p.shape[1:])) for p in parts)}")
+    return np.concatenate(parts) if isinstance(parts[0], np.ndarray) else torch.cat(parts)
+
+
+def _pixels_to_unit_range(x: torch.Tensor, is_tensor: bool) -> torch.Tensor:
+    """(N, 3, H, W) uint8 0..255 or float [0, 1] (tensors also [-1, 1]) -> float [-1, 1]."""
+    if x.dtype == torch.uint8:
+        # 0..255 -> [0, 1]
+        x = x.float() / 255.0
+    elif not x.is_floating_point():
+        raise TypeError(f"image: integer pixels must be uint8 (0..255), got {x.dtype}")
+    else:
+        x = x.float()
+        if not bool(torch.isfinite(x).all()):
+            raise ValueError("image holds NaN or infinite values")
+        low, high = float(x.min()), float(x.max())
+        if is_tensor and low < 0:
+            if low < -1.0 or high > 1.0:
+                raise ValueError(f"image: a tensor with negative values must lie in [-1, 1], got [{low:g}, {high:g}]")
+            return x          # already in [-1, 1]
+        if low < 0.0 or high > 1.0:
+            raise ValueError(f"image: float pixels must lie in [0, 1], got [{low:g}, {high:g}] "
+                             "(for 0..255 values pass a uint8 array)")
     # [0, 1] -> [-1, 1]
     return 2.0 * x - 1.0
 
@@ -133,12 +176,16 @@ class TextToImagePipeline:
     """The text-to-image pipeline. Components are attributes so a reader can call them one by one.
 
     Attributes: `tokenizer`, `text_encoder`, `unet`, `vae`, `scheduler`;
-    `vae_scale_factor` = 2^(number of VAE blocks - 1) (8 for Stable Diffusion).
+    `vae_scale_factor` = 2^(number of VAE blocks - 1) (8 for Stable Diffusion, 4 for the shipped model):
+    image sizes are multiples of it; `sampling_defaults`: the steps and guidance scale a call uses
+    when it names none (read from the model folder's sampling_defaults.json).
     """
 
     OUTPUT_TYPES = ("pil", "np", "pt")
 
-    def __init__(self, tokenizer, text_encoder, unet, vae, scheduler, vocabulary: Optional[Sequence[str]] = None):
+    def __init__(self, tokenizer, text_encoder, unet, vae, scheduler, vocabulary: Optional[Sequence[str]] = None,
+                 sampling_defaults: Optional[SamplingDefaults] = None):
+        check_tokenizer_fits_text_encoder(tokenizer, text_encoder.config)
         self.tokenizer = tokenizer
         self.text_encoder = text_encoder
         self.unet = unet
@@ -147,6 +194,7 @@ class TextToImagePipeline:
         # words the model was trained on (the shipped model knows a small grammar); None = open vocabulary
         self.vocabulary = set(vocabulary) if vocabulary is not None else None
         self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
+        self.sampling_defaults = sampling_defaults if sampling_defaults is not None else SamplingDefaults()
 
     # ------------------------------------------------------------------ loading
     @classmethod
@@ -159,23 +207,22 @@ class TextToImagePipeline:
         path: a folder with `model_index.json` (diffusers layout, what `save_pretrained` writes
             and what Stable Diffusion repositories contain); a `.safetensors`/`.ckpt` file in the
             original CompVis/LDM layout; or None for the package's own small model.
+            A folder's `sampling_defaults.json` sets the steps and guidance scale of calls that
+            name none; without it (and for single files) they are 50 and 7.5.
         version / prediction_type: for single files only ("1" or "2"; "epsilon"/"v_prediction"),
             when they cannot be inferred from the tensors.
         vae: optionally a standalone diffusers VAE folder (e.g. sd-vae-ft-mse) replacing the pipeline's.
         configs: for single files only, config values that override what is inferred from the
             tensors, per component, e.g. {"unet": {"attention_head_dim": 8}}.
+        (The documented upward edge to weights_convert, which knows the file layouts.)
         """
-        from weights_convert.pipeline_loader import load_pipeline_components
-
-        parts = load_pipeline_components(DEFAULT_MODEL_DIR if path is None else path, version=version,
-                                         prediction_type=prediction_type, dtype=dtype, configs=configs)
-        if vae is not None:
-            from parti_from_scratch.vae import AutoencoderKL
-            parts["vae"] = AutoencoderKL.from_pretrained(vae, dtype=dtype)
-        return cls(**parts)
+        from weights_convert.pipeline_loader import load_pipeline
+        return load_pipeline(cls, DEFAULT_MODEL_DIR if path is None else path, version=version,
+                             prediction_type=prediction_type, dtype=dtype, vae=vae, configs=configs)
 
     def save_pretrained(self, folder: Union[str, Path]) -> None:
-        """Write the pipeline as a diffusers folder (model_index.json + one subfolder per component)."""
+        """Write the pipeline as a diffusers folder: model_index.json, one subfolder per component and
+        sampling_defaults.json (the documented upward edge to weights_convert, which knows the layout)."""
         from weights_convert.pipeline_loader import save_pipeline
         save_pipeline(self, folder)
 
@@ -208,7 +255,7 @@ class TextToImagePipeline:
         """Tokens -> text states c: (n_prompts, 77, d_text), the UNet's cross-attention context."""
         ids = self.tokenizer(prompts, padding="max_length", max_length=self.tokenizer.model_max_length,
                              truncation=True, return_tensors="pt").input_ids.to(self.device)
-        if clip_skip is None:
+        if not clip_skip:
             return self.text_encoder(ids)[0]
         # "clip skip": take an earlier layer's states, then the final LayerNorm as the last layer would
         out = self.text_encoder(ids, output_hidden_states=True)
@@ -224,37 +271,55 @@ class TextToImagePipeline:
             return SCHEDULERS[scheduler].from_config(self.scheduler.config)
         return scheduler
 
+    def default_size(self) -> int:
+        """Height and width when a call names none: the UNet's sample size times vae_scale_factor."""
+        return self.unet.config.sample_size * self.vae_scale_factor
+
     @torch.no_grad()
     def __call__(self, prompt: PromptType, negative_prompt: Optional[PromptType] = None,
-                 num_inference_steps: int = 50, guidance_scale: float = 7.5, height: Optional[int] = None,
-                 width: Optional[int] = None, generator: GeneratorType = None,
+                 num_inference_steps: Optional[int] = None, guidance_scale: Optional[float] = None,
+                 height: Optional[int] = None, width: Optional[int] = None, generator: GeneratorType = None,
                  latents: Optional[torch.Tensor] = None, num_images_per_prompt: int = 1, output_type: str = "pil",
                  scheduler=None, image: Any = None, strength: float = 0.8, eta: float = 0.0,
                  clip_skip: Optional[int] = None, progress: bool = True) -> TextToImagePipelineOutput:
         """Generate images for `prompt` (text-to-image), or re-noise and denoise `image` (image-to-image).
 
+        num_inference_steps / guidance_scale: None takes the model's own (`self.sampling_defaults`).
         guidance_scale w: classifier-free guidance weight (w <= 1 turns guidance off: one UNet call per step).
+        height / width: multiples of `vae_scale_factor` (default: that of `latents` if given, else the UNet's
+            sample size times vae_scale_factor).
         generator: one torch.Generator, or a list with one per image (num_prompts * num_images_per_prompt).
         latents: initial noise z_T (before scaling by init_noise_sigma), to reproduce a run exactly.
         image / strength: image-to-image; the image is encoded, noised to the timestep
             `strength` of the way along the schedule, and denoised from there.
         scheduler: a scheduler instance or name ("pndm", "ddim", "euler", "dpm", "ddpm") for this call.
+        clip_skip: use the text encoder's states clip_skip layers before the last (0 or None: the last).
+        Raises NonFiniteLatentsError, naming the step, when sampling produces NaN or inf.
         """
         prompts = _as_list(prompt)
         scheduler = self._select_scheduler(scheduler)
-        height = height or self.unet.config.sample_size * self.vae_scale_factor
-        width = width or self.unet.config.sample_size * self.vae_scale_factor
+        if num_inference_steps is None:
+            num_inference_steps = self.sampling_defaults.num_inference_steps
+        if guidance_scale is None:
+            guidance_scale = self.sampling_defaults.guidance_scale
+        # size: given, or that of the given latents, or the UNet's sample size times vae_scale_factor
+        if isinstance(latents, torch.Tensor) and latents.ndim == 4 and image is None:
+            height = latents.shape[-2] * self.vae_scale_factor if height is None else height
+            width = latents.shape[-1] * self.vae_scale_factor if width is None else width
+        height = self.default_size() if height is None else height
+        width = self.default_size() if width is None else width
+        n_images = len(prompts) * num_images_per_prompt if _is_int(num_images_per_prompt) else None
         self._check_arguments(height, width, num_inference_steps, guidance_scale, num_images_per_prompt,
-                              output_type, strength, image)
+                              output_type, strength, image, clip_skip, generator, n_images, scheduler)
         self.warn_unknown_words(prompts)
-        n_images = len(prompts) * num_images_per_prompt
         device, dtype = self.device, self.dtype
 
         # 1-2. text states c for each image; c_empty (or the negative prompt) for guidance
         do_guidance = guidance_scale > 1.0
         c = self.encode_prompt(prompts, clip_skip).to(dtype).repeat_interleave(num_images_per_prompt, dim=0)
         if do_guidance:
-            negatives = [""] * len(prompts) if negative_prompt is None else _as_list(negative_prompt)
+            negatives = [""] * len(prompts) if negative_prompt is None else _as_list(negative_prompt,
+                                                                                     "negative_prompt")
             if len(negatives) == 1 and len(prompts) > 1:
                 negatives = negatives * len(prompts)
             if len(negatives) != len(prompts):
@@ -269,7 +334,7 @@ class TextToImagePipeline:
         if image is None:
             shape = (n_images, self.unet.config.in_channels, height // self.vae_scale_factor,
                      width // self.vae_scale_factor)
-            z = randn_latents(shape, generator, dtype, device) if latents is None else latents.to(device, dtype)
+            z = randn(shape, generator, dtype, device) if latents is None else self._checked_latents(latents, shape)
             # z_T ~ N(0, sigma_init^2 I): sigma_init is 1 for DDPM-type samplers, sigma_max for Euler
             z = z * scheduler.init_noise_sigma
         else:
@@ -278,7 +343,7 @@ class TextToImagePipeline:
         # only DDIM takes eta; the stochastic samplers (DDPM, DDIM with eta > 0) draw from the generator(s)
         step_parameters = inspect.signature(scheduler.step).parameters
         extra = {name: value for name, value in (("eta", eta), ("generator", generator)) if name in step_parameters}
-        for t in tqdm(timesteps, desc="sampling", disable=not progress, leave=False):
+        for i, t in enumerate(tqdm(timesteps, desc="sampling", disable=not progress, leave=False)):
             z_in = torch.cat([z, z]) if do_guidance else z
             z_in = scheduler.scale_model_input(z_in, t)
             # eps_theta(z_t, t, c)
@@ -288,10 +353,23 @@ class TextToImagePipeline:
                 # eps_hat = eps_uncond + w * (eps_text - eps_uncond)
                 eps = eps_uncond + guidance_scale * (eps_text - eps_uncond)
             z = scheduler.step(eps, t, z, **extra).prev_sample
+            check_finite(z, f"the latents after sampling step {i + 1} of {len(timesteps)} (t={int(t)})",
+                         guidance_scale)
 
         # 4-5. decode: x = D(z_0 / scaling_factor), then [-1, 1] -> pixels
         x = self.vae.decode(z / self.vae.config.scaling_factor).sample
+        check_finite(x, "the VAE decoder's output", guidance_scale)
         return TextToImagePipelineOutput(images=postprocess_image(x, output_type))
+
+    def _checked_latents(self, latents: torch.Tensor, shape: tuple) -> torch.Tensor:
+        if not isinstance(latents, torch.Tensor):
+            raise TypeError(f"latents must be a tensor, got {type(latents).__name__}")
+        if tuple(latents.shape) != shape:
+            raise ValueError(f"latents have shape {tuple(latents.shape)}, expected {shape} "
+                             "(images, UNet in_channels, height / vae_scale_factor, width / vae_scale_factor)")
+        if not bool(torch.isfinite(latents).all()):
+            raise ValueError("latents hold NaN or infinite values")
+        return latents.to(self.device, self.dtype)
 
     def _noised_image_latents(self, image, strength, scheduler, n_images, generator, noise):
         """Image-to-image start: z_0 = scaling_factor * E(x), then z_t ~ q(z_t | z_0) at t = strength * T."""
@@ -305,30 +383,84 @@ class TextToImagePipeline:
         if hasattr(scheduler, "set_begin_index"):
             scheduler.set_begin_index(t_start * scheduler.order)
         if x.shape[0] not in (1, n_images):
-            raise ValueError(f"got {x.shape[0]} images for {n_images} outputs")
-        if isinstance(generator, (list, tuple)) and len(generator) > 1:
+            raise ValueError(f"image: got {x.shape[0]} images for {n_images} outputs")
+        if isinstance(generator, (list, tuple)):
+            # image i encoded with generator i, so it does not depend on the rest of the batch
             x = x.expand(n_images, -1, -1, -1) if x.shape[0] == 1 else x
             z0 = torch.cat([self.vae.encode(x[i:i + 1]).latent_dist.sample(generator[i]) for i in range(n_images)])
         else:
             z0 = self.vae.encode(x).latent_dist.sample(generator)
             z0 = z0.expand(n_images, -1, -1, -1) if z0.shape[0] == 1 else z0
         z0 = self.vae.config.scaling_factor * z0
-        eps = randn_latents(z0.shape, generator, z0.dtype, self.device) if noise is None else noise.to(z0)
+        eps = randn(z0.shape, generator, z0.dtype, self.device) if noise is None else noise.to(z0)
         # z_t = sqrt(alpha_bar_t) z_0 + sqrt(1 - alpha_bar_t) eps   (the forward process, closed form)
         z = scheduler.add_noise(z0, eps, timesteps[:1].repeat(n_images))
         return z, timesteps
 
     def _check_arguments(self, height, width, steps, guidance_scale, num_images_per_prompt, output_type, strength,
-                         image):
-        if height % 8 or width % 8:
-            raise ValueError(f"height and width must be multiples of 8, got {height}x{width}")
-        if steps < 1:
-            raise ValueError(f"num_inference_steps must be >= 1, got {steps}")
+                         image, clip_skip, generator, n_images, scheduler):
+        """Each argument's type and range, before any work; the error names the argument."""
+        f = self.vae_scale_factor
+        for name, value in (("height", height), ("width", width)):
+            if not _is_int(value):
+                raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+            if value < f or value % f:
+                raise ValueError(f"{name} must be a positive multiple of {f} (this model's vae_scale_factor), "
+                                 f"got {value}")
+        n_train = scheduler.config.num_train_timesteps
+        if not _is_int(steps):
+            raise TypeError(f"num_inference_steps must be an int, got {type(steps).__name__}")
+        if not 1 <= steps <= n_train:
+            raise ValueError(f"num_inference_steps must be from 1 to {n_train} (the schedule's training steps), "
+                             f"got {steps}")
+        if isinstance(guidance_scale, bool) or not isinstance(guidance_scale, numbers.Real):
+            raise TypeError(f"guidance_scale must be a number, got {type(guidance_scale).__name__}")
         if guidance_scale < 0 or not math.isfinite(guidance_scale):
             raise ValueError(f"guidance_scale must be a finite number >= 0, got {guidance_scale}")
+        if not _is_int(num_images_per_prompt):
+            raise TypeError(f"num_images_per_prompt must be an int, got {type(num_images_per_prompt).__name__}")
         if num_images_per_prompt < 1:
             raise ValueError(f"num_images_per_prompt must be >= 1, got {num_images_per_prompt}")
         if output_type not in self.OUTPUT_TYPES:
             raise ValueError(f"output_type must be one of {self.OUTPUT_TYPES}, got {output_type!r}")
         if image is not None and not 0.0 < strength <= 1.0:
             raise ValueError(f"strength must be in (0, 1], got {strength}")
+        if clip_skip is not None:
+            n_layers = self.text_encoder.config.num_hidden_layers
+            if not _is_int(clip_skip):
+                raise TypeError(f"clip_skip must be an int or None, got {type(clip_skip).__name__}")
+            if not 0 <= clip_skip < n_layers:
+                raise ValueError(f"clip_skip must be from 0 to {n_layers - 1} (the text encoder has {n_layers} "
+                                 f"layers), got {clip_skip}")
+        if isinstance(generator, (list, tuple)):
+            if not all(isinstance(g, torch.Generator) for g in generator):
+                raise TypeError("generator must be a torch.Generator or a list of them")
+            if len(generator) != n_images:
+                raise ValueError(f"generator: a list of {len(generator)} generators for {n_images} images; "
+                                 "pass one generator, or a list with one per image")
+        elif generator is not None and not isinstance(generator, torch.Generator):
+            raise TypeError(f"generator must be a torch.Generator or a list of them, got {type(generator).__name__}")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+
+def check_finite(x: torch.Tensor, what: str, guidance_scale: float) -> None:
+    """Raise NonFiniteLatentsError when x holds NaN or inf, naming where it appeared."""
+    if not bool(torch.isfinite(x).all()):
+        raise NonFiniteLatentsError(f"NaN or infinite values in {what}: the model's weights may hold NaN or inf, "
+                                    f"or guidance_scale={guidance_scale:g} is too large")
+
+
+def check_tokenizer_fits_text_encoder(tokenizer, text_config) -> None:
+    """Refuse a tokenizer whose ids or length the text encoder cannot embed (this would fail only at generation)."""
+    vocab = tokenizer.get_vocab() if hasattr(tokenizer, "get_vocab") else None
+    n_ids = max(vocab.values()) + 1 if vocab else len(tokenizer)
+    if n_ids > text_config.vocab_size:
+        raise ValueError(f"the tokenizer has token ids up to {n_ids - 1}, beyond the text encoder's vocab_size "
+                         f"{text_config.vocab_size}")
+    max_length = tokenizer.model_max_length
+    if not 1 <= max_length <= text_config.max_position_embeddings:
+        raise ValueError(f"the tokenizer's model_max_length {max_length} must be from 1 to the text encoder's "
+                         f"max_position_embeddings {text_config.max_position_embeddings}")

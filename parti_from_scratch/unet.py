@@ -42,6 +42,7 @@ from parti_from_scratch.nn.positional import timestep_embedding
 from parti_from_scratch.nn.resnet import ResnetBlock2D, group_norm_silu
 from parti_from_scratch.nn.transformer_2d import SpatialTransformer
 from parti_from_scratch.nn.updown import Downsample2D, Upsample2D
+from parti_from_scratch.outputs import ModelOutput
 
 DOWN_BLOCK_TYPES = ("CrossAttnDownBlock2D", "DownBlock2D")
 UP_BLOCK_TYPES = ("CrossAttnUpBlock2D", "UpBlock2D")
@@ -164,12 +165,9 @@ class UNet2DConditionConfig:
 
 
 @dataclass
-class UNet2DConditionOutput:
+class UNet2DConditionOutput(ModelOutput):
     """unet(...).sample: eps_theta(z_t, t, c), shape (b, out_channels, H, W)."""
     sample: torch.Tensor
-
-    def __getitem__(self, index):
-        return (self.sample,)[index]
 
 
 class TimestepEmbedding(nn.Module):

@@ -30,9 +30,11 @@ from einops import rearrange
 from torch import nn
 
 from parti_from_scratch.configuration import ConfigError, config_from_dict
+from parti_from_scratch.diffusion.process import randn
 from parti_from_scratch.nn.attention import MultiHeadAttention
 from parti_from_scratch.nn.resnet import ResnetBlock2D, group_norm_silu
 from parti_from_scratch.nn.updown import Downsample2D, Upsample2D
+from parti_from_scratch.outputs import ModelOutput
 
 
 @dataclass
@@ -94,7 +96,7 @@ class DiagonalGaussianDistribution:
                ) -> torch.Tensor:
         """z = mu + sigma * eps, eps ~ N(0, I): a differentiable sample (the reparameterisation trick)."""
         if noise is None:
-            noise = torch.randn(self.mean.shape, generator=generator, device=self.mean.device, dtype=self.mean.dtype)
+            noise = randn(self.mean.shape, generator, self.mean.dtype, self.mean.device)
         return self.mean + self.std * noise
 
     def mode(self) -> torch.Tensor:
@@ -112,13 +114,13 @@ class DiagonalGaussianDistribution:
 
 
 @dataclass
-class AutoencoderKLOutput:
+class AutoencoderKLOutput(ModelOutput):
     """vae.encode(x).latent_dist: the posterior q(z | x)."""
     latent_dist: DiagonalGaussianDistribution
 
 
 @dataclass
-class DecoderOutput:
+class DecoderOutput(ModelOutput):
     """vae.decode(z).sample: the image x_hat, shape (b, out_channels, H, W)."""
     sample: torch.Tensor
 

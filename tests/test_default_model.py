@@ -4,12 +4,15 @@ from __future__ import annotations
 import json
 import warnings
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
-from parti_from_scratch.cli import SHIPPED_GUIDANCE, SHIPPED_STEPS
+from parti_from_scratch.cli import main
 from parti_from_scratch.data import VOCABULARY, eval_prompts
 from parti_from_scratch.pipeline import DEFAULT_MODEL_DIR, TextToImagePipeline
+from parti_from_scratch.sampling_defaults import FILE_NAME, SamplingDefaults
 from parti_from_scratch.train.components import evaluate_adherence
 
 # Measured on the shipped model at its settings (20 DPM-Solver++ steps, guidance 5.0, seed 0): 12 of these
@@ -24,8 +27,8 @@ def pipe():
 
 
 def test_shipped_folder_is_complete_and_small():
-    for name in ("model_index.json", "vocabulary.txt", "recipe.json", "RECIPE.md", "tokenizer", "text_encoder",
-                 "unet", "vae", "scheduler"):
+    for name in ("model_index.json", "vocabulary.txt", "recipe.json", "RECIPE.md", FILE_NAME, "tokenizer",
+                 "text_encoder", "unet", "vae", "scheduler"):
         assert (DEFAULT_MODEL_DIR / name).exists(), name
     size = sum(p.stat().st_size for p in DEFAULT_MODEL_DIR.rglob("*") if p.is_file())
     assert size <= 30e6, f"{size / 1e6:.1f} MB"
@@ -36,7 +39,8 @@ def test_shipped_folder_is_complete_and_small():
 
 def test_shipped_model_draws_single_objects(pipe):
     prompts = eval_prompts("single", n=12, seed=0)
-    summary, images = evaluate_adherence(pipe, prompts, SHIPPED_STEPS, SHIPPED_GUIDANCE, seed=0)
+    defaults = pipe.sampling_defaults
+    summary, images = evaluate_adherence(pipe, prompts, defaults.num_inference_steps, defaults.guidance_scale, seed=0)
     assert images.shape == (12, 64, 64, 3)
     assert summary["exact"] >= MIN_EXACT_SINGLE, summary
 
@@ -54,7 +58,7 @@ def test_unknown_words_warn_with_their_names(pipe):
 @pytest.mark.parametrize("name", ["ddpm", "ddim", "pndm", "euler", "dpm"])
 def test_every_sampler_runs_on_the_shipped_model(pipe, name):
     # the shipped config is DPM-Solver++'s (variance_type: null); DDPM built from it keeps its own default
-    out = pipe("a large red circle on the left", num_inference_steps=4, guidance_scale=SHIPPED_GUIDANCE,
+    out = pipe("a large red circle on the left", num_inference_steps=4,
                generator=[torch.Generator().manual_seed(0)], output_type="np", scheduler=name, progress=False)
     assert out.images.shape == (1, 64, 64, 3) and bool(torch.isfinite(torch.from_numpy(out.images)).all())
     if name == "ddpm":
@@ -67,4 +71,33 @@ def test_shipped_recipe_is_the_default_recipe():
     from parti_from_scratch.train.default_recipe import default_recipe
     info = json.loads((DEFAULT_MODEL_DIR / "recipe.json").read_text())
     assert info["recipe"] == default_recipe().to_dict()
-    assert (info["recipe"]["sampler_steps"], info["recipe"]["guidance_scale"]) == (SHIPPED_STEPS, SHIPPED_GUIDANCE)
+
+
+def test_shipped_sampling_defaults_are_the_recipes():
+    # the folder's sampling_defaults.json is what training wrote from the recipe's sampler settings
+    from parti_from_scratch.train.default_recipe import default_recipe
+    recipe = default_recipe()
+    defaults = SamplingDefaults.read(DEFAULT_MODEL_DIR)
+    assert (defaults.num_inference_steps, defaults.guidance_scale) == (recipe.sampler_steps, recipe.guidance_scale)
+    # and differs from the fallback, so the tests below would notice the file not being read
+    assert defaults != SamplingDefaults()
+
+
+def test_pipeline_reads_the_folders_sampling_defaults(pipe):
+    assert pipe.sampling_defaults == SamplingDefaults.read(DEFAULT_MODEL_DIR)
+
+
+def test_python_call_and_generate_command_draw_the_same_image(pipe, tmp_path, capsys):
+    """pipe(prompt) with no sampler arguments and `parti-from-scratch generate PROMPT` use the same
+    defaults, so the same seed gives the same pixels (both save 8-bit RGB from the same float image)."""
+    prompt = "a large red circle on the left"
+    python = np.asarray(pipe(prompt, generator=torch.Generator().manual_seed(3), progress=False).images[0])
+    out = tmp_path / "cli.png"
+    assert main(["generate", prompt, "--seed", "3", "-o", str(out), "--quiet"]) == 0
+    command = np.asarray(Image.open(out).convert("RGB"))
+    assert python.shape == command.shape == (64, 64, 3)
+    assert np.array_equal(python, command)
+    # the defaults matter: another step count gives another image
+    other = np.asarray(pipe(prompt, num_inference_steps=pipe.sampling_defaults.num_inference_steps + 5,
+                            generator=torch.Generator().manual_seed(3), progress=False).images[0])
+    assert not np.array_equal(python, other)

@@ -3,6 +3,7 @@ through our converters, generating from the same initial latents. Images in [0, 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -151,17 +152,180 @@ def test_components_are_attributes(pipelines):
     assert ours.vae_scale_factor == 8
 
 
-@pytest.mark.parametrize("kwargs,message", [
-    (dict(height=60), "multiples of 8"),
-    (dict(num_inference_steps=0), "num_inference_steps"),
-    (dict(guidance_scale=-1.0), "guidance_scale"),
-    (dict(output_type="jpeg"), "output_type"),
-    (dict(scheduler="heun"), "unknown scheduler"),
+@pytest.mark.parametrize("kwargs,error,message", [
+    (dict(height=60), ValueError, "height must be a positive multiple of 8"),
+    (dict(width=36), ValueError, "width must be a positive multiple of 8"),   # a multiple of 4 is not enough here
+    (dict(height=0), ValueError, "height must be a positive multiple of 8"),
+    (dict(height=-8), ValueError, "height must be a positive multiple of 8"),
+    (dict(height=64.0), TypeError, "height must be an int"),
+    (dict(num_inference_steps=0), ValueError, "num_inference_steps must be from 1 to 1000"),
+    (dict(num_inference_steps=5000), ValueError, "num_inference_steps must be from 1 to 1000"),
+    (dict(guidance_scale=-1.0), ValueError, "guidance_scale"),
+    (dict(guidance_scale=float("inf")), ValueError, "guidance_scale"),
+    (dict(output_type="jpeg"), ValueError, "output_type"),
+    (dict(scheduler="heun"), ValueError, "unknown scheduler"),
+    (dict(clip_skip=100), ValueError, "clip_skip must be from 0 to"),
+    (dict(clip_skip=-1), ValueError, "clip_skip must be from 0 to"),
+    (dict(prompt=[]), ValueError, "prompt is an empty list"),
+    (dict(prompt=["a", 3]), TypeError, "prompt must be a str or a list of str"),
+    (dict(prompt="a red \udcff circle"), ValueError, "prompt .* is not valid text"),
+    (dict(image=[]), ValueError, "image is an empty list"),
+    (dict(image=np.zeros((64, 64), np.float32)), ValueError, "image: a numpy array must be"),
+    (dict(image=torch.zeros(1, 4, 64, 64)), ValueError, "image: a tensor must be"),
+    (dict(image=torch.full((1, 3, 64, 64), -0.5).expand(1, 3, 64, 64) * 4), ValueError, "must lie in \\[-1, 1\\]"),
+    (dict(image=np.full((64, 64, 3), 200.0, np.float32)), ValueError, "float pixels must lie in \\[0, 1\\]"),
+    (dict(image=np.zeros((64, 64, 3), np.int32)), TypeError, "integer pixels must be uint8"),
+    (dict(image=np.zeros((60, 64, 3), np.uint8)), ValueError, "multiples of the VAE's scale factor 8"),
+    (dict(image="cat.png"), TypeError, "image must be a PIL image"),
+    (dict(prompt=PROMPTS, generator=[torch.Generator().manual_seed(0)]), ValueError,
+     "generator: a list of 1 generators for 2 images"),
+    (dict(num_images_per_prompt=2, generator=[torch.Generator()] * 3), ValueError, "3 generators for 2 images"),
+    (dict(latents=torch.full((1, 4, 8, 8), float("nan"))), ValueError, "latents hold NaN"),
+    (dict(latents=torch.zeros(1, 3, 8, 8)), ValueError, "latents have shape"),
+    (dict(latents=torch.zeros(1, 4, 8, 8), height=32), ValueError, "latents have shape"),
 ])
-def test_bad_arguments_are_refused(pipelines, kwargs, message):
+def test_bad_arguments_are_refused(pipelines, kwargs, error, message):
     _, ours = pipelines
-    with pytest.raises(ValueError, match=message):
-        ours(PROMPTS[0], progress=False, **kwargs)
+    kwargs = {"prompt": PROMPTS[0], **kwargs}
+    with pytest.raises(error, match=message):
+        ours(progress=False, num_inference_steps=kwargs.pop("num_inference_steps", 2), **kwargs)
+
+
+def test_sizes_follow_the_vae_scale_factor(pipelines):
+    """A size other than the default 64 x 64, a multiple of vae_scale_factor (8 here): 16 x 32 -> 2 x 4 latents."""
+    _, ours = pipelines
+    assert ours.vae_scale_factor == 8
+    images = ours(PROMPTS[0], height=16, width=32, num_inference_steps=2, output_type="np", progress=False,
+                  generator=torch.Generator().manual_seed(0)).images
+    assert images.shape == (1, 16, 32, 3)
+
+
+def test_uint8_images_are_rescaled_to_minus_one_one():
+    """x = 2 u / 255 - 1 for uint8 pixels u, whether they come as an array, a tensor or a PIL image.
+    Tolerance: one float32 rounding of a value in [-1, 1] (2^-24 relative, so 1.2e-7 absolute)."""
+    from PIL import Image
+
+    from parti_from_scratch.pipeline import preprocess_image
+    u = np.random.default_rng(0).integers(0, 256, size=(16, 24, 3), dtype=np.uint8)
+    expected = torch.from_numpy(2.0 * u.astype(np.float64) / 255.0 - 1.0).permute(2, 0, 1)[None].float()
+    for image in (u, torch.from_numpy(u).permute(2, 0, 1), Image.fromarray(u), [u], u[None]):
+        got = preprocess_image(image, vae_scale_factor=8)
+        torch.testing.assert_close(got, expected, rtol=0, atol=1.2e-7)
+    # a float array in [0, 1] gives the same numbers
+    torch.testing.assert_close(preprocess_image(u / 255.0, 8), expected, rtol=0, atol=1.2e-7)
+
+
+def test_folder_without_sampling_defaults_keeps_50_steps_and_guidance_7_5(pipelines):
+    from parti_from_scratch.sampling_defaults import FILE_NAME
+    ref, ours = pipelines
+    assert not (Path(ref.folder) / FILE_NAME).exists()
+    assert (ours.sampling_defaults.num_inference_steps, ours.sampling_defaults.guidance_scale) == (50, 7.5)
+
+
+def test_call_without_sampler_arguments_uses_the_pipelines_defaults(pipelines):
+    from parti_from_scratch.sampling_defaults import SamplingDefaults
+    _, ours = pipelines
+    saved = ours.sampling_defaults
+    try:
+        ours.sampling_defaults = SamplingDefaults(num_inference_steps=3, guidance_scale=2.0)
+        implicit = ours(PROMPTS[0], generator=torch.Generator().manual_seed(1), output_type="np",
+                        progress=False).images
+    finally:
+        ours.sampling_defaults = saved
+    explicit = ours(PROMPTS[0], num_inference_steps=3, guidance_scale=2.0, generator=torch.Generator().manual_seed(1),
+                    output_type="np", progress=False).images
+    assert np.array_equal(implicit, explicit)
+    other = ours(PROMPTS[0], num_inference_steps=3, guidance_scale=7.5, generator=torch.Generator().manual_seed(1),
+                 output_type="np", progress=False).images
+    assert not np.array_equal(implicit, other)
+
+
+def test_sampling_defaults_round_trip_through_a_folder(pipelines, tmp_path):
+    from parti_from_scratch.sampling_defaults import FILE_NAME, SamplingDefaults
+    ref, ours = pipelines
+    saved = ours.sampling_defaults
+    try:
+        ours.sampling_defaults = SamplingDefaults(num_inference_steps=12, guidance_scale=3.5)
+        ours.save_pretrained(tmp_path / "saved")
+    finally:
+        ours.sampling_defaults = saved
+    assert json.loads((tmp_path / "saved" / FILE_NAME).read_text()) == {"num_inference_steps": 12,
+                                                                         "guidance_scale": 3.5}
+    loaded = TextToImagePipeline.from_pretrained(tmp_path / "saved")
+    assert loaded.sampling_defaults == SamplingDefaults(num_inference_steps=12, guidance_scale=3.5)
+
+
+@pytest.mark.parametrize("content,message", [
+    ('{"num_inference_steps": 0}', "num_inference_steps must be an integer >= 1"),
+    ('{"num_inference_steps": "20"}', "num_inference_steps must be an integer >= 1"),
+    ('{"guidance_scale": Infinity}', "guidance_scale must be a finite number"),
+    ('{"steps": 20}', "unknown key"),
+    ('[20, 5.0]', "expected a JSON object"),
+    ('{"num_inference_steps": 20,', "not a JSON file"),
+])
+def test_bad_sampling_defaults_file_is_refused_with_its_name(pipelines, tmp_path, content, message):
+    import shutil
+
+    from parti_from_scratch.sampling_defaults import FILE_NAME
+    ref, _ = pipelines
+    folder = tmp_path / "model"
+    shutil.copytree(ref.folder, folder)
+    (folder / FILE_NAME).write_text(content)
+    with pytest.raises(ValueError, match=f"{FILE_NAME}.*{message}"):
+        TextToImagePipeline.from_pretrained(folder)
+
+
+def test_initial_noise_comes_from_the_one_noise_helper(pipelines):
+    """The pipeline's z_T is process.randn's draw for the generator(s), so passing that draw as latents
+    reproduces the image exactly."""
+    from parti_from_scratch.diffusion.process import randn
+    _, ours = pipelines
+    kw = dict(num_inference_steps=2, guidance_scale=7.5, output_type="np", progress=False)
+    drawn = ours(PROMPTS, generator=[torch.Generator().manual_seed(s) for s in (4, 5)], **kw).images
+    noise = randn((2, 4, 8, 8), [torch.Generator().manual_seed(s) for s in (4, 5)], torch.float32)
+    given = ours(PROMPTS, latents=noise, **kw).images
+    assert np.array_equal(drawn, given)
+
+
+def test_non_finite_latents_stop_sampling_at_their_step(pipelines):
+    import copy
+
+    from parti_from_scratch.pipeline import NonFiniteLatentsError
+    _, ours = pipelines
+    # guidance so large that eps_hat overflows float32 at the first step
+    with pytest.raises(NonFiniteLatentsError, match="sampling step 1 of "):
+        ours(PROMPTS[0], num_inference_steps=3, guidance_scale=1e300, progress=False)
+    # NaN weights in the UNet
+    broken = copy.copy(ours)
+    broken.unet = copy.deepcopy(ours.unet)
+    with torch.no_grad():
+        broken.unet.conv_out.bias.fill_(float("nan"))
+    with pytest.raises(NonFiniteLatentsError, match="sampling step 1 of .*weights"):
+        broken(PROMPTS[0], num_inference_steps=3, progress=False)
+
+
+def test_tokenizer_that_the_text_encoder_cannot_embed_is_refused(pipelines, tmp_path):
+    import copy
+    import shutil
+
+    from parti_from_scratch.clip.model import CLIPTextConfig, CLIPTextModel
+    _, ours = pipelines
+    config = ours.text_encoder.config
+    small = CLIPTextModel(CLIPTextConfig(**{**config.__dict__, "vocab_size": 1000}))
+    with pytest.raises(ValueError, match="token ids up to 49407, beyond the text encoder's vocab_size 1000"):
+        TextToImagePipeline(ours.tokenizer, small, ours.unet, ours.vae, ours.scheduler)
+    long = copy.copy(ours.tokenizer)
+    long.model_max_length = 500
+    with pytest.raises(ValueError, match="model_max_length 500 must be from 1 to .* max_position_embeddings 77"):
+        TextToImagePipeline(long, ours.text_encoder, ours.unet, ours.vae, ours.scheduler)
+    # from a folder: the error names the folder
+    ref, _ = pipelines
+    folder = tmp_path / "model"
+    shutil.copytree(ref.folder, folder)
+    config_file = folder / "tokenizer" / "tokenizer_config.json"
+    config_file.write_text(json.dumps({**json.loads(config_file.read_text()), "model_max_length": 500}))
+    with pytest.raises(ValueError, match=f"{folder}.*max_position_embeddings"):
+        TextToImagePipeline.from_pretrained(folder)
 
 
 def test_single_file_checkpoint_matches_diffusers(pipelines, tmp_path):
@@ -187,3 +351,5 @@ def test_single_file_checkpoint_matches_diffusers(pipelines, tmp_path):
     got = ours(PROMPTS, latents=latents.clone(), progress=False, **kw).images
     diff = np.abs(got - expected).max()
     assert diff <= TOL, f"single file: max abs diff {diff:.2e}"
+    # a single file states no sampling defaults: Stable Diffusion's customary 50 steps and guidance 7.5
+    assert (ours.sampling_defaults.num_inference_steps, ours.sampling_defaults.guidance_scale) == (50, 7.5)

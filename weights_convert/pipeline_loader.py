@@ -23,6 +23,7 @@ from typing import Any, Dict, Optional, Union
 import torch
 
 from parti_from_scratch.configuration import ConfigError, read_json
+from parti_from_scratch.sampling_defaults import SamplingDefaults
 
 REQUIRED = ("tokenizer", "text_encoder", "unet", "vae", "scheduler")
 IGNORED = {"safety_checker": "not part of generation", "feature_extractor": "only feeds the safety checker",
@@ -48,7 +49,12 @@ def load_pipeline(pipeline_cls: type, path: Union[str, Path], *, version: Option
     if vae is not None:
         from parti_from_scratch.vae import AutoencoderKL
         parts["vae"] = AutoencoderKL.from_pretrained(vae, dtype=dtype)
-    return pipeline_cls(**parts)
+    # the folder's sampling_defaults.json (50 steps, guidance 7.5 without one)
+    defaults = SamplingDefaults.read(path)
+    try:
+        return pipeline_cls(**parts, sampling_defaults=defaults)
+    except ValueError as e:           # components that do not fit together (tokenizer vs text encoder)
+        raise ValueError(f"{path}: {e}") from None
 
 
 def load_pipeline_components(path: Union[str, Path], version: Optional[str] = None,
@@ -134,3 +140,4 @@ def save_pipeline(pipe, folder: Union[str, Path]) -> None:
     (folder / "model_index.json").write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
     if pipe.vocabulary is not None:
         (folder / VOCABULARY_FILE).write_text("\n".join(sorted(pipe.vocabulary)) + "\n", encoding="utf-8")
+    pipe.sampling_defaults.save(folder)

@@ -27,7 +27,6 @@ checkpoints with a handful of prefix rules.
 """
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -42,6 +41,7 @@ from parti_from_scratch.clip.loss import similarity_logits, symmetric_cross_entr
 from parti_from_scratch.configuration import ConfigError
 from parti_from_scratch.nn.attention import MultiHeadAttention, causal_mask, combine_masks, padding_mask
 from parti_from_scratch.nn.positional import LearnedPositionalEmbedding
+from parti_from_scratch.outputs import ModelOutput
 
 
 def quick_gelu(x: torch.Tensor) -> torch.Tensor:
@@ -141,25 +141,8 @@ class CLIPConfig:
 
 # ----------------------------------------------------------------------------------------------- outputs
 
-class _Output:
-    """Read fields by name (`out.last_hidden_state`) or by position among the fields that are set (`out[0]`)."""
-
-    def to_tuple(self) -> tuple:
-        values = (getattr(self, f.name) for f in dataclasses.fields(self))
-        return tuple(v for v in values if v is not None)
-
-    def __getitem__(self, key: Union[int, slice, str]):
-        return getattr(self, key) if isinstance(key, str) else self.to_tuple()[key]
-
-    def __iter__(self):
-        return iter(self.to_tuple())
-
-    def __len__(self) -> int:
-        return len(self.to_tuple())
-
-
 @dataclass
-class CLIPEncoderOutput(_Output):
+class CLIPEncoderOutput(ModelOutput):
     """What CLIPTextModel and CLIPVisionModel return."""
     last_hidden_state: torch.Tensor                           # (b, n, d) final states (text: after final_layer_norm)
     pooler_output: torch.Tensor                               # (b, d) one vector per input: end-of-text / class token
@@ -167,7 +150,7 @@ class CLIPEncoderOutput(_Output):
 
 
 @dataclass
-class CLIPTextModelOutput(_Output):
+class CLIPTextModelOutput(ModelOutput):
     """What CLIPTextModelWithProjection returns; text_embeds first, as SDXL's listing reads `[0]`."""
     text_embeds: torch.Tensor                                 # (b, projection_dim) pooled output times W_t
     last_hidden_state: torch.Tensor                           # (b, n, d)
@@ -176,7 +159,7 @@ class CLIPTextModelOutput(_Output):
 
 
 @dataclass
-class CLIPVisionModelOutput(_Output):
+class CLIPVisionModelOutput(ModelOutput):
     """What CLIPVisionModelWithProjection returns."""
     image_embeds: torch.Tensor                                # (b, projection_dim) pooled output times W_i
     last_hidden_state: torch.Tensor                           # (b, 1 + patches, d)
@@ -185,7 +168,7 @@ class CLIPVisionModelOutput(_Output):
 
 
 @dataclass
-class CLIPOutput(_Output):
+class CLIPOutput(ModelOutput):
     """What CLIPModel returns."""
     loss: Optional[torch.Tensor]                              # () symmetric cross-entropy, if return_loss
     logits_per_image: torch.Tensor                            # (b_img, b_txt) exp(t) cos(I_e, T_e)

@@ -7,26 +7,127 @@
 
 `train` runs the same under `torchrun --nproc_per_node N -m parti_from_scratch train ...`:
 the loop splits each global batch over the processes.
+
+The argument types and the checks every command runs before any work (steps, guidance,
+seed, output paths, prompt text) live here too; cli.py imports them, nothing here imports cli.py.
 """
 from __future__ import annotations
 
 import argparse
+import math
+import os
 import shlex
 import sys
 from pathlib import Path
+from typing import Optional
+
+# sampler steps a command accepts: the training schedules here and Stable Diffusion's have 1000 timesteps,
+# and a sampler visits each at most once
+MAX_STEPS = 1000
+# a torch.Generator seed is an unsigned 64-bit integer; image i of a run uses seed + i
+MAX_SEED = 2 ** 64 - 1
+# file types that both Pillow (generate) and matplotlib (grids) write
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".tif", ".tiff")
 
 
 class CommandError(Exception):
     """A failure to report as one line with exit code 2."""
 
 
+# ----------------------------------------------------------------------------------------------- argument types
+# argparse reports an ArgumentTypeError as one usage line and exit code 2
+
+def positive_int(text: str) -> int:
+    """An int >= 1."""
+    value = _int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def sampler_steps(text: str) -> int:
+    """An int from 1 to MAX_STEPS."""
+    value = _int(text)
+    if not 1 <= value <= MAX_STEPS:
+        raise argparse.ArgumentTypeError(f"must be from 1 to {MAX_STEPS}, got {value}")
+    return value
+
+
+def guidance_scale(text: str) -> float:
+    """A finite float >= 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not (math.isfinite(value) and value >= 0):
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
+    return value
+
+
+def seed(text: str) -> int:
+    """An int from 0 to MAX_SEED (the range of torch.Generator.manual_seed)."""
+    value = _int(text)
+    if not 0 <= value <= MAX_SEED:
+        raise argparse.ArgumentTypeError(f"must be from 0 to 2**64 - 1, got {value}")
+    return value
+
+
+def _int(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+
+
+def scheduler_names() -> tuple:
+    """The samplers a command can name: the keys of the package's scheduler table."""
+    from parti_from_scratch.diffusion.schedulers import SCHEDULERS
+    return tuple(SCHEDULERS)
+
+
+# ----------------------------------------------------------------------------------------------- checks before work
+
+def check_text(flag: str, text: str) -> str:
+    """A prompt from the command line must be valid UTF-8 (undecodable bytes arrive as lone surrogates)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise CommandError(f"{flag}: not valid UTF-8 text (undecodable byte at character {e.start})") from None
+    return text
+
+
+def check_output_path(flag: str, path: str) -> Path:
+    """An image file the command can write: a known image suffix, not a folder, under a writable folder.
+
+    Missing folders are created when the file is saved; an existing file on the way is refused here.
+    """
+    out = Path(path)
+    if out.is_dir():
+        raise CommandError(f"{flag} {path}: is a folder; give a file name such as {out / 'out.png'}")
+    if out.suffix.lower() not in IMAGE_SUFFIXES:
+        what = f"unknown image type {out.suffix!r}" if out.suffix else "no file extension"
+        raise CommandError(f"{flag} {path}: {what}; end the name in one of {', '.join(IMAGE_SUFFIXES)}")
+    parent = out.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise CommandError(f"{flag} {path}: {parent} is a file, not a folder")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise CommandError(f"{flag} {path}: cannot write in {parent}")
+    return out
+
+
+# ----------------------------------------------------------------------------------------------- the commands
+
 def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("component", nargs="?", default="all", choices=("all", "clip", "vae", "unet"),
                    help="what to train (a UNet needs a trained CLIP and VAE: --clip/--vae or earlier runs in --out)")
     p.add_argument("--out", required=True, help="output folder: <component>/ runs and pipeline/")
-    p.add_argument("--steps", type=int, default=None, help="optimiser steps per component (default: the recipe's)")
-    p.add_argument("--batch-size", type=int, default=None, help="global batch per component (default: the recipe's)")
-    p.add_argument("--seed", type=int, default=None, help="seed of data, initialisation and noise (default 0)")
+    p.add_argument("--steps", type=positive_int, default=None,
+                   help="optimiser steps per component (default: the recipe's)")
+    p.add_argument("--batch-size", type=positive_int, default=None,
+                   help="global batch per component (default: the recipe's)")
+    p.add_argument("--seed", type=seed, default=None, help="seed of data, initialisation and noise (default 0)")
     p.add_argument("--resume", default=None, help="'latest' (each component's newest checkpoint) or a checkpoint file")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
     p.add_argument("--precision", default="fp32", choices=("fp32", "bf16", "fp16"))
@@ -35,16 +136,19 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
-def add_eval_arguments(p: argparse.ArgumentParser) -> None:
+def add_eval_arguments(p: argparse.ArgumentParser, steps_help: str = "sampler steps (default: the model's own)",
+                       guidance_help: str = "classifier-free guidance scale (default: the model's own)",
+                       scheduler_help: str = "sampler (default: the model's own scheduler/)") -> None:
+    """The help texts of --steps/--guidance/--scheduler come from cli.py, which reads the shipped model's."""
     p.add_argument("--model", default=None, help="pipeline folder (default: the shipped model)")
     p.add_argument("--prompts", default="heldout_single",
                    help="single, heldout_single, pair, heldout_pair, or a text file with one prompt a line")
-    p.add_argument("--n", type=int, default=None, help="use only n prompts of a built-in set")
-    p.add_argument("--steps", type=int, default=None, help="sampler steps (default: the shipped model's)")
-    p.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale")
-    p.add_argument("--seed", type=int, default=0, help="image i uses seed + i")
-    p.add_argument("--scheduler", default=None, help="sampler for this run (pndm, ddim, ddpm, euler, dpm)")
-    p.add_argument("--grid", default=None, help="save the images with their prompts to this PNG")
+    p.add_argument("--n", type=positive_int, default=None, help="use only n prompts of a built-in set")
+    p.add_argument("--steps", type=sampler_steps, default=None, help=steps_help)
+    p.add_argument("--guidance", type=guidance_scale, default=None, help=guidance_help)
+    p.add_argument("--seed", type=seed, default=0, help="image i uses seed + i")
+    p.add_argument("--scheduler", choices=scheduler_names(), default=None, help=scheduler_help)
+    p.add_argument("--grid", default=None, help="save the images with their prompts to this image file")
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -52,11 +156,6 @@ def cmd_train(args: argparse.Namespace) -> int:
     from .errors import TrainError
 
     components = COMPONENTS if args.component == "all" else (args.component,)
-    for name, value in (("--steps", args.steps), ("--batch-size", args.batch_size)):
-        if value is not None and value < 1:
-            raise CommandError(f"{name} must be >= 1, got {value}")
-    if args.seed is not None and args.seed < 0:
-        raise CommandError(f"--seed must be >= 0, got {args.seed}")
     resume = args.resume
     try:
         if resume is not None and resume != "latest":
@@ -78,7 +177,6 @@ def cmd_train(args: argparse.Namespace) -> int:
         raise CommandError(str(e)) from None
     except (OSError, ValueError) as e:
         raise CommandError(str(e).splitlines()[0] if str(e) else type(e).__name__) from None
-    import os
     if int(os.environ.get("RANK", "0")) == 0:
         print(folder if folder is not None else Path(args.out))
     return 0
@@ -93,7 +191,10 @@ def _read_prompts(spec: str, n, seed: int):
     path = Path(spec)
     if not path.is_file():
         raise CommandError(f"--prompts {spec}: not a prompt set {PROMPT_SETS} nor a file")
-    prompts = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    try:
+        prompts = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    except UnicodeDecodeError as e:
+        raise CommandError(f"--prompts {spec}: not UTF-8 text (byte {e.start})") from None
     if not prompts:
         raise CommandError(f"--prompts {spec}: the file holds no prompts")
     out = []
@@ -106,30 +207,34 @@ def _read_prompts(spec: str, n, seed: int):
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
+    """Generate one image per prompt with the model's own sampler settings (or the flags') and grade them."""
     import time
 
-    from parti_from_scratch.cli import SHIPPED_GUIDANCE, SHIPPED_STEPS
-    from parti_from_scratch.pipeline import TextToImagePipeline
+    from parti_from_scratch.pipeline import NonFiniteLatentsError, TextToImagePipeline
 
     from .components import evaluate_adherence, save_image_grid
 
     if args.model is not None and not Path(args.model).exists():
         raise CommandError(f"--model {args.model}: no such folder")
-    if args.steps is not None and args.steps < 1:
-        raise CommandError(f"--steps must be >= 1, got {args.steps}")
-    if args.guidance is not None and not args.guidance >= 0:
-        raise CommandError(f"--guidance must be >= 0, got {args.guidance}")
+    if args.grid is not None:
+        check_output_path("--grid", args.grid)
     prompts = _read_prompts(args.prompts, args.n, args.seed)
+    if args.seed + len(prompts) - 1 > MAX_SEED:
+        raise CommandError(f"--seed {args.seed}: image i uses seed + i, which passes 2**64 - 1 "
+                           f"for {len(prompts)} prompts")
     try:
         pipe = TextToImagePipeline.from_pretrained(args.model)
     except (ValueError, OSError) as e:
         raise CommandError(f"cannot load model: {e}") from None
-    steps = args.steps or SHIPPED_STEPS
-    guidance = args.guidance if args.guidance is not None else SHIPPED_GUIDANCE
+    steps = args.steps if args.steps is not None else pipe.sampling_defaults.num_inference_steps
+    guidance = args.guidance if args.guidance is not None else pipe.sampling_defaults.guidance_scale
     started = time.perf_counter()
-    summary, images = evaluate_adherence(pipe, prompts, steps, guidance, args.seed, args.scheduler)
+    try:
+        summary, images = evaluate_adherence(pipe, prompts, steps, guidance, args.seed, args.scheduler)
+    except (ValueError, TypeError, NonFiniteLatentsError) as e:
+        raise CommandError(str(e)) from None
     seconds = time.perf_counter() - started
-    print(f"{len(prompts)} prompts ({args.prompts}), {steps} steps, guidance {guidance}, seed {args.seed}, "
+    print(f"{len(prompts)} prompts ({args.prompts}), {steps} steps, guidance {guidance:g}, seed {args.seed}, "
           f"{seconds / len(prompts):.2f} s/image")
     for name in ("count", "colour", "shape", "size", "position", "exact"):
         print(f"  {name:<9} {100 * summary[name]:5.1f}%")

@@ -19,7 +19,9 @@ the shipped model, `tiny_recipe()` a seconds-long version for tests. Run
     parti-from-scratch train all --out runs/default
 
 (or `python -m parti_from_scratch train all --out runs/default`) to retrain it;
-the pipeline folder appears in runs/default/pipeline with RECIPE.md and recipe.json.
+the pipeline folder appears in runs/default/pipeline with RECIPE.md, recipe.json and
+sampling_defaults.json (the recipe's sampler steps and guidance scale, which `pipe(prompt)`,
+`generate` and `eval` use by default).
 """
 from __future__ import annotations
 
@@ -126,7 +128,7 @@ class Recipe:
         "prediction_type": "epsilon", "timestep_spacing": "trailing",
         "clip_sample": False})                # DDIM/DDPM built from the saved config must not clip latents to [-1, 1]
     sampler: str = "dpm"                  # the scheduler saved in the pipeline (a key of SCHEDULERS)
-    sampler_steps: int = 20               # the generate command's default for this model
+    sampler_steps: int = 20               # saved in the pipeline's sampling_defaults.json: pipe(prompt)'s default steps
     guidance_scale: float = 5.0           # likewise (swept 1.5..10: 5.0 best on held-out combinations, see RECIPE.md)
     weights_dtype: str = "float16"        # dtype of the shipped weights on disk
 
@@ -219,7 +221,7 @@ def train_default(out_dir: Union[str, Path], recipe: Optional[Recipe] = None,
 
     out_dir/<component>/ holds each run (checkpoints, loss.png, history.json, result.json) and
     out_dir/<component>/model/ the trained model; out_dir/pipeline/ the diffusers-layout pipeline
-    with vocabulary.txt, RECIPE.md and recipe.json. A component not trained here comes from
+    with vocabulary.txt, sampling_defaults.json, RECIPE.md and recipe.json. A component not trained here comes from
     clip_dir / vae_dir (a model folder or an earlier out_dir), or from out_dir itself.
     Returns the pipeline folder (None when no UNet was trained).
     """
@@ -350,18 +352,23 @@ def _read_result(model_folder: Path, component: str) -> dict:
 
 
 def build_pipeline(recipe: Recipe, tokenizer, text_encoder, unet, vae):
-    """The TextToImagePipeline of trained parts, with the recipe's sampler on the training noise schedule."""
+    """The TextToImagePipeline of trained parts, with the recipe's sampler on the training noise schedule
+    and the recipe's sampler steps and guidance scale as its sampling defaults."""
     from parti_from_scratch.data import VOCABULARY
     from parti_from_scratch.diffusion.schedulers import SCHEDULERS
     from parti_from_scratch.pipeline import TextToImagePipeline
+    from parti_from_scratch.sampling_defaults import SamplingDefaults
 
     scheduler = SCHEDULERS[recipe.sampler].from_config(recipe.noise_schedule)   # keeps keys other samplers read
-    return TextToImagePipeline(tokenizer, text_encoder, unet, vae, scheduler, vocabulary=VOCABULARY)
+    defaults = SamplingDefaults(num_inference_steps=recipe.sampler_steps, guidance_scale=recipe.guidance_scale)
+    return TextToImagePipeline(tokenizer, text_encoder, unet, vae, scheduler, vocabulary=VOCABULARY,
+                               sampling_defaults=defaults)
 
 
 def write_pipeline(folder: Union[str, Path], recipe: Recipe, tokenizer, text_encoder, unet, vae,
                    results: dict, command: Optional[str] = None) -> Path:
-    """Save the pipeline folder (weights in recipe.weights_dtype) with vocabulary.txt, recipe.json and RECIPE.md."""
+    """Save the pipeline folder (weights in recipe.weights_dtype) with vocabulary.txt, sampling_defaults.json
+    (the recipe's sampler_steps and guidance_scale), recipe.json (the training record) and RECIPE.md."""
     dtype = getattr(torch, recipe.weights_dtype)
     parts = [copy.deepcopy(m).to(dtype) for m in (text_encoder, unet, vae)]
     pipe = build_pipeline(recipe, tokenizer, *parts)

@@ -30,6 +30,7 @@ from typing import Any, ClassVar, Dict, Iterator, List, Mapping, Optional, Tuple
 import torch
 
 from ...configuration import PathLike, config_from_dict, config_to_dict, read_json
+from ...outputs import ModelOutput
 from ..process import dynamic_threshold, expand_to, q_sample, signal_noise_scales, velocity
 from ..schedule import (BETA_SCHEDULES, alpha_bar_from_betas, alphas_from_betas, make_betas,
                         sigma_from_alpha_bar)
@@ -141,18 +142,10 @@ class ClippingConfig(ThresholdingConfig):
 
 
 @dataclass
-class SchedulerOutput:
+class SchedulerOutput(ModelOutput):
     """What `step` returns: x_{t-1}, and the x_0 prediction where the sampler forms one."""
     prev_sample: torch.Tensor
     pred_original_sample: Optional[torch.Tensor] = None
-
-    def to_tuple(self) -> tuple:
-        if self.pred_original_sample is None:
-            return (self.prev_sample,)
-        return self.prev_sample, self.pred_original_sample
-
-    def __getitem__(self, index: int) -> torch.Tensor:
-        return self.to_tuple()[index]
 
 
 def _linspace(start: float, stop: float, num: int) -> torch.Tensor:
