@@ -61,6 +61,8 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import default_collate
 from tqdm.auto import tqdm
 
+from parti_from_scratch.diffusion.process import randn
+
 from .checkpoint import (atomic_write_bytes, checkpoint_path, ensure_writable_dir, latest_checkpoint,
                          load_checkpoint, prune_checkpoints, remove_stale_temporaries, save_checkpoint)
 from .distributed import (DistInfo, all_reduce_mean, barrier, run_on_main, setup_distributed, shard_slice,
@@ -214,8 +216,8 @@ class StepRNG:
         return full[self.rows].to(self.device)                        # (B, ...) -> (B/N, ...)
 
     def randn(self, *shape, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """Standard normal, (B/N, *shape): e.g. the diffusion noise epsilon."""
-        return self._mine(torch.randn((self.batch_size, *_shape(shape)), generator=self.generator(), dtype=dtype))
+        """Standard normal, (B/N, *shape): e.g. the diffusion noise epsilon (drawn by diffusion.process.randn)."""
+        return self._mine(randn((self.batch_size, *_shape(shape)), self.generator(), dtype))
 
     def rand(self, *shape, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """Uniform on [0, 1), (B/N, *shape)."""
