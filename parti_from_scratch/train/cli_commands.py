@@ -19,7 +19,7 @@ import os
 import shlex
 import sys
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 # sampler steps a command accepts: the training schedules here and Stable Diffusion's have 1000 timesteps,
 # and a sampler visits each at most once
@@ -37,20 +37,23 @@ class CommandError(Exception):
 # ----------------------------------------------------------------------------------------------- argument types
 # argparse reports an ArgumentTypeError as one usage line and exit code 2
 
-def positive_int(text: str) -> int:
-    """An int >= 1."""
-    value = _int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
+def int_range(low: int, high: Optional[int] = None, high_text: Optional[str] = None) -> Callable[[str], int]:
+    """An argparse type: an int from `low` to `high` (no upper bound when None); `high_text` names the bound."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+        if value < low or (high is not None and value > high):
+            bound = f">= {low}" if high is None else f"from {low} to {high_text or high}"
+            raise argparse.ArgumentTypeError(f"must be {bound}, got {value}")
+        return value
+    return parse
 
 
-def sampler_steps(text: str) -> int:
-    """An int from 1 to MAX_STEPS."""
-    value = _int(text)
-    if not 1 <= value <= MAX_STEPS:
-        raise argparse.ArgumentTypeError(f"must be from 1 to {MAX_STEPS}, got {value}")
-    return value
+positive_int = int_range(1)
+sampler_steps = int_range(1, MAX_STEPS)
+seed = int_range(0, MAX_SEED, "2**64 - 1")          # the range of torch.Generator.manual_seed
 
 
 def guidance_scale(text: str) -> float:
@@ -62,21 +65,6 @@ def guidance_scale(text: str) -> float:
     if not (math.isfinite(value) and value >= 0):
         raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
     return value
-
-
-def seed(text: str) -> int:
-    """An int from 0 to MAX_SEED (the range of torch.Generator.manual_seed)."""
-    value = _int(text)
-    if not 0 <= value <= MAX_SEED:
-        raise argparse.ArgumentTypeError(f"must be from 0 to 2**64 - 1, got {value}")
-    return value
-
-
-def _int(text: str) -> int:
-    try:
-        return int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
 
 
 def scheduler_names() -> tuple:
