@@ -101,3 +101,20 @@ def test_python_call_and_generate_command_draw_the_same_image(pipe, tmp_path, ca
     other = np.asarray(pipe(prompt, num_inference_steps=pipe.sampling_defaults.num_inference_steps + 5,
                             generator=torch.Generator().manual_seed(3), progress=False).images[0])
     assert not np.array_equal(python, other)
+
+
+def test_trained_pipeline_folder_carries_the_recipes_sampling_defaults(tmp_path):
+    """write_pipeline (the end of `train`) saves the recipe's sampler_steps and guidance_scale in the folder,
+    and loading the folder brings them back; recipe.json stays the training record."""
+    from parti_from_scratch.clip.tokenizer import CLIPTokenizer
+    from parti_from_scratch.train.components import build_clip, build_unet, build_vae
+    from parti_from_scratch.train.default_recipe import tiny_recipe, write_pipeline
+    recipe = tiny_recipe()
+    torch.manual_seed(0)
+    folder = write_pipeline(tmp_path / "pipeline", recipe, CLIPTokenizer(), build_clip(recipe.clip).text_model,
+                            build_unet(recipe.unet), build_vae(recipe.vae), results={})
+    expected = {"num_inference_steps": recipe.sampler_steps, "guidance_scale": recipe.guidance_scale}
+    assert json.loads((folder / FILE_NAME).read_text()) == expected
+    assert json.loads((folder / "recipe.json").read_text())["recipe"]["sampler_steps"] == recipe.sampler_steps
+    loaded = TextToImagePipeline.from_pretrained(folder)
+    assert loaded.sampling_defaults == SamplingDefaults(**expected)

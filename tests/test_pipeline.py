@@ -314,10 +314,12 @@ def test_tokenizer_that_the_text_encoder_cannot_embed_is_refused(pipelines, tmp_
     small = CLIPTextModel(CLIPTextConfig(**{**config.__dict__, "vocab_size": 1000}))
     with pytest.raises(ValueError, match="token ids up to 49407, beyond the text encoder's vocab_size 1000"):
         TextToImagePipeline(ours.tokenizer, small, ours.unet, ours.vae, ours.scheduler)
-    long = copy.copy(ours.tokenizer)
-    long.model_max_length = 500
-    with pytest.raises(ValueError, match="model_max_length 500 must be from 1 to .* max_position_embeddings 77"):
-        TextToImagePipeline(long, ours.text_encoder, ours.unet, ours.vae, ours.scheduler)
+    for max_length in (500, 0, -1):
+        odd = copy.copy(ours.tokenizer)
+        odd.model_max_length = max_length
+        with pytest.raises(ValueError, match=f"model_max_length {max_length} must be from 1 to .* "
+                                             "max_position_embeddings 77"):
+            TextToImagePipeline(odd, ours.text_encoder, ours.unet, ours.vae, ours.scheduler)
     # from a folder: the error names the folder
     ref, _ = pipelines
     folder = tmp_path / "model"
