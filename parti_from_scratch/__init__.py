@@ -34,6 +34,7 @@ _PUBLIC = {
     "EulerDiscreteScheduler": "parti_from_scratch.diffusion.schedulers",
     "DPMSolverMultistepScheduler": "parti_from_scratch.diffusion.schedulers",
     "TextToImagePipeline": "parti_from_scratch.pipeline",
+    "VQModel": "parti_from_scratch.parti.vqgan",
 }
 
 __all__ = sorted(_PUBLIC)

@@ -8,6 +8,8 @@ time from the text, like a translation. This package is that chapter:
     quantize.py     vector quantisation: nearest code, straight-through
                     estimator, VQ-VAE loss, EMA codebook, dead-code restarts,
                     codebook usage and perplexity
+    vqgan.py        the convolutional VQGAN tokenizer (`VQModel`, diffusers'
+                    config keys): image -> latents -> indices (b, h, w) -> image
 
 It imports `parti_from_scratch.nn` (and `clip` for reranking) and nothing
 above them.
