@@ -35,6 +35,7 @@ _PUBLIC = {
     "DPMSolverMultistepScheduler": "parti_from_scratch.diffusion.schedulers",
     "TextToImagePipeline": "parti_from_scratch.pipeline",
     "VQModel": "parti_from_scratch.parti.vqgan",
+    "ViTVQModel": "parti_from_scratch.parti.vit_vqgan",
 }
 
 __all__ = sorted(_PUBLIC)

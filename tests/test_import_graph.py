@@ -79,6 +79,8 @@ PERMITTED_SHIMS: Tuple[str, ...] = (
     "parti_from_scratch.vae.AutoencoderKL.save_pretrained",
     "parti_from_scratch.pipeline.TextToImagePipeline.from_pretrained",
     "parti_from_scratch.pipeline.TextToImagePipeline.save_pretrained",
+    "parti_from_scratch.parti.vit_vqgan.ViTVQModel.from_pretrained",
+    "parti_from_scratch.parti.vit_vqgan.ViTVQModel.save_pretrained",
     "parti_from_scratch.parti.vqgan.VQModel.from_pretrained",
     "parti_from_scratch.parti.vqgan.VQModel.save_pretrained",
 )

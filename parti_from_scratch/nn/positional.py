@@ -10,7 +10,10 @@ mentions this; three forms are used in this package:
   (Ho et al. 2020, arXiv 2006.11239, Appendix B; as Stable Diffusion computes it,
   sines and cosines in two halves rather than interleaved);
 * learned absolute positions, one trainable vector per position (CLIP,
-  Radford et al. 2021, arXiv 2103.00020).
+  Radford et al. 2021, arXiv 2103.00020);
+* the fixed 2-D sine-cosine table of an image's patch grid (ViT-VQGAN, Yu et al.
+  2021, arXiv 2110.04627; MAE, He et al. 2021, arXiv 2111.06377): half the
+  channels encode the column, half the row.
 """
 from __future__ import annotations
 
@@ -88,3 +91,31 @@ class LearnedPositionalEmbedding(nn.Module):
         if offset + n > self.weight.shape[0]:
             raise ValueError(f"sequence of length {offset + n} exceeds the {self.weight.shape[0]} learned positions")
         return self.weight[offset:offset + n]
+
+
+def sincos_2d_position_encoding(height: int, width: int, dim: int, base: float = 10000.0,
+                                dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The fixed 2-D sine-cosine table of a height x width patch grid, shape (height * width, dim).
+
+        PE(r, c) = [ s(c) | s(r) ]                                   (dim/2 channels each)
+        s(p)     = [ sin(p omega_0) .. sin(p omega_{q-1}) | cos(p omega_0) .. cos(p omega_{q-1}) ]
+        omega_i  = base^(-i / q),  q = dim / 4
+
+    Row k of the table is the patch at row r = k // width, column c = k % width
+    (raster order, the order the patches are flattened in). The first dim/2
+    channels encode the column and the last dim/2 the row, each as the
+    Transformer sinusoid of `sinusoidal_position_encoding` with its sines and
+    cosines in two halves instead of interleaved (the layout of ViT-VQGAN
+    reimplementations and MAE).
+    """
+    if dim % 4 != 0:
+        raise ValueError(f"dim must be divisible by 4 for the 2-D sine-cosine table, got {dim}")
+
+    def halves(n: int) -> torch.Tensor:
+        # the 1-D sinusoid over dim/2 channels, [sin, cos, sin, cos, ...] -> [sin ... | cos ...]: (n, dim/2)
+        pe = sinusoidal_position_encoding(n, dim // 2, base, dtype=torch.float64)
+        return torch.cat([pe[:, 0::2], pe[:, 1::2]], dim=-1)
+
+    rows = torch.arange(height).repeat_interleave(width)   # r = k // width: (height * width,)
+    cols = torch.arange(width).repeat(height)              # c = k % width:  (height * width,)
+    return torch.cat([halves(width)[cols], halves(height)[rows]], dim=-1).to(dtype)

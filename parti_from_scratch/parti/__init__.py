@@ -10,6 +10,8 @@ time from the text, like a translation. This package is that chapter:
                     codebook usage and perplexity
     vqgan.py        the convolutional VQGAN tokenizer (`VQModel`, diffusers'
                     config keys): image -> latents -> indices (b, h, w) -> image
+    vit_vqgan.py    ViT-VQGAN, the tokenizer of the Parti paper (`ViTVQModel`): 8x8
+                    patches, ViT encoder and decoder, factorised l2-normalised codes
 
 It imports `parti_from_scratch.nn` (and `clip` for reranking) and nothing
 above them.
