@@ -492,7 +492,7 @@ def test_hostile_checkpoint_is_refused_and_never_runs(tmp_path):
     assert not marker.exists()
 
 
-def test_save_refuses_nothing_and_names_reference_keys(tmp_path):
+def test_saved_file_has_exactly_the_reference_keys(tmp_path):
     """A model of ours saved and read back as a plain state_dict carries exactly the reference's names."""
     model = tiny_model(decoder_dim=24, decoder_depth=1)
     save_vit_vqgan(model, tmp_path / "m.ckpt")
