@@ -30,6 +30,15 @@ MIN_DALLE_START = 2 ** 14 - 1          # min-dalle's decoder start token
 MIN_DALLE_CODES = 2 ** 14              # min-dalle samples only the first 2**14 logits
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models gain nothing from intra-op threads, and on a busy machine idle threads spin: use one, then restore."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def import_min_dalle():
     """min_dalle.models, imported with autograd and the thread count restored afterwards."""
     grad, threads = torch.is_grad_enabled(), torch.get_num_threads()

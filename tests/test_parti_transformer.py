@@ -23,6 +23,7 @@ from parti_from_scratch.parti.sampling import classifier_free_guidance, empty_pr
 from parti_from_scratch.parti.transformer import (KVCache, PartiTransformer, PartiTransformerConfig,
                                                   autoregressive_loss, cached_self_attention, preset_config,
                                                   sequence_log_likelihood, shift_right)
+from min_dalle_oracle import one_thread  # noqa: F401  (autouse fixture)
 from min_dalle_oracle import (MIN_DALLE_CODES, import_min_dalle, mbart_config, mbart_pair, min_dalle_config,
                               min_dalle_models, min_dalle_text_rows, ours_from_min_dalle)
 
@@ -164,22 +165,17 @@ def test_cached_decoding_matches_mbart():
     mask[1, 6:], mask[2, 3:] = 0, 0
     with torch.no_grad():
         encoder_outputs = reference.model.encoder(input_ids=ids, attention_mask=mask)
-        past, token, expected = None, torch.full((3, 1), config.decoder_start_token_id), []
-        for _ in range(config.image_token_count):
-            out = reference(encoder_outputs=encoder_outputs, attention_mask=mask, decoder_input_ids=token,
-                            cache=past, use_cache=True)
-            past, token = out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True)
-            expected.append(token)
-        expected = torch.cat(expected, dim=1)
-        # the step logits too: our cache against MBart's
         cache = ours.decoder.new_cache(ours.encoder(ids, mask), mask)
-        past, token = None, torch.full((3, 1), config.decoder_start_token_id)
+        past, token, expected = None, torch.full((3, 1), config.decoder_start_token_id), []
         for i in range(config.image_token_count):
             out = reference(encoder_outputs=encoder_outputs, attention_mask=mask, decoder_input_ids=token,
                             cache=past, use_cache=True)
-            got = ours.decoder(token, cache=cache)
-            torch.testing.assert_close(got, out.logits, atol=ATOL, rtol=0, msg=f"step {i}")
-            past, token = out.past_key_values, expected[:, i:i + 1]
+            # the step logits too: our cache against MBart's
+            torch.testing.assert_close(ours.decoder(token, cache=cache), out.logits, atol=ATOL, rtol=0,
+                                       msg=f"step {i}")
+            past, token = out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True)
+            expected.append(token)
+        expected = torch.cat(expected, dim=1)
     tokens = generate_image_tokens(ours, ids, mask, guidance_scale=1.0, top_k=1, progress=False)
     assert len(set(expected.flatten().tolist())) > 3, "the reference's greedy sequence is degenerate"
     assert torch.equal(tokens.flatten(1), expected)
