@@ -28,6 +28,12 @@ inner / dim_head with the reference's default dim_head = 64 (pass `heads=` or `d
 another file). The enhancing-transformers data loaders feed images in [0, 1] (torchvision's
 ToTensor, no normalisation), so a loaded model has pixel_range="zero_one" and converts from and
 to [-1, 1] at its boundary.
+
+Versions: the released weights (base 2022-08-16, small 2022-09-09) were trained by the source of
+July-August 2022 (commits 71cbd37, ebe80ca), whose keys and computation are those above (it adds the
+positions in place, `x += pos`). From 2022-12-22 (1e5e8cc) to 2023-01-18 (c3a947e) the reference's
+decoder computed `token + pos` but fed `token` to its Transformer, dropping the positions; a file
+trained in that window has the same keys but decodes differently, and is not what this loader models.
 """
 from __future__ import annotations
 
