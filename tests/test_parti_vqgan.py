@@ -10,6 +10,8 @@ latents, so that every lookup has a clear winner.
 """
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 
@@ -30,7 +32,8 @@ VQ_CONFIGS = {
                             num_vq_embeddings=32, sample_size=16,
                             down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3),
                        16),
-    "taming-f16-like": (dict(block_out_channels=(8, 8, 16), layers_per_block=1, norm_num_groups=4, latent_channels=8,
+    # taming's GroupNorm always has 32 groups, so its widths are multiples of 32
+    "taming-f16-like": (dict(block_out_channels=(32, 32, 64), layers_per_block=1, norm_num_groups=32, latent_channels=8,
                              vq_embed_dim=8, num_vq_embeddings=48, sample_size=16,
                              down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D", "AttnDownEncoderBlock2D"),
                              up_block_types=("AttnUpDecoderBlock2D", "UpDecoderBlock2D", "UpDecoderBlock2D")), 16),
@@ -51,9 +54,13 @@ def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     return (a - b).abs().max().item()
 
 
+@functools.lru_cache(maxsize=None)
 @torch.no_grad()
 def reference_vq(name: str, seed: int = 0):
-    """A diffusers VQModel for VQ_CONFIGS[name], its weights perturbed off init, its codebook at the latents' scale."""
+    """A diffusers VQModel for VQ_CONFIGS[name], its weights perturbed off init, its codebook at the latents' scale.
+
+    Cached: built once per session and shared with tests/test_weights_convert_vq.py; never modified by a test.
+    """
     kwargs, size = VQ_CONFIGS[name]
     torch.manual_seed(seed)
     ref = diffusers.VQModel(**kwargs).eval()
@@ -122,7 +129,8 @@ def test_latents_indices_and_decodings_match_diffusers(vq_pair):
     assert max_diff(x_ours, x_ref) <= TOL
     # from indices: diffusers reads them with lookup_from_codebook; ours has decode_indices for every config
     from_indices = ours.decode_indices(q_ours.indices)
-    assert torch.equal(from_indices, ours.decode(q_ours.quantized).sample)  # the quantised codes re-quantise to themselves
+    # codes re-quantise to themselves (distance 0 against >= the lookup margin to any other code)
+    assert torch.equal(from_indices, ours.decode(q_ours.quantized).sample)
     if ours.config.lookup_from_codebook:
         shape = (2, h, h, ours.config.code_dim)
         x_ref_idx = ref.decode(idx_ref, force_not_quantize=True, shape=shape).sample
