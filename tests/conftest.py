@@ -48,3 +48,15 @@ def _bytes_to_unicode_symbols() -> list:
 @pytest.fixture(scope="session")
 def clip_vocab_dir(tmp_path_factory) -> Path:
     return write_clip_vocab_files(tmp_path_factory.mktemp("clip_vocab"))
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for a module of tiny models (they gain nothing from threads, and on a busy
+    machine idle threads spin); the previous count is restored afterwards.
+    Opt in with `pytestmark = pytest.mark.usefixtures("one_thread")`."""
+    import torch
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

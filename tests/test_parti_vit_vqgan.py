@@ -24,19 +24,13 @@ from parti_from_scratch.parti.vit_vqgan import (ViTVQGANConfig, ViTVQModel, add_
 from weights_convert.common import CheckpointError
 from weights_convert.vit_vqgan import IGNORED, load_vit_vqgan, save_vit_vqgan
 
+# tiny models: one thread (tests/conftest.py); on a shared CPU the thread pool's contention costs 10-100x
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 F64 = torch.float64
 # tiny, non-square (2 x 3 token grid) so that a transposed grid cannot pass
 TINY = dict(image_size=(16, 24), patch_size=8, dim=32, depth=2, heads=2, dim_head=16, mlp_dim=64,
             codebook_size=16, codebook_dim=8)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from threads, and on a shared CPU the thread pool's contention costs 100x."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def randn(*shape, seed=0, dtype=torch.float32):
