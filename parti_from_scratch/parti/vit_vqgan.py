@@ -49,7 +49,9 @@ PIXEL_RANGES = ("minus_one_one", "zero_one")
 
 @dataclass
 class ViTVQGANConfig(Config):
-    """Hyper-parameters of `ViTVQModel`. Defaults: ViT-VQGAN-Small at 256 px (arXiv 2110.04627), the encoder of Parti's tokenizer.
+    """Hyper-parameters of `ViTVQModel`.
+
+    Defaults: ViT-VQGAN-Small at 256 px (arXiv 2110.04627), the encoder of Parti's tokenizer.
 
     The decoder_* fields default (None) to the encoder's values; Parti's enlarged decoder is
     decoder_depth=32, decoder_dim=1280 (arXiv 2206.10789, §2.1).
