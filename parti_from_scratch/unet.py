@@ -32,12 +32,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import List, Optional, Sequence, Tuple, Union
+import math
+from typing import Any, ClassVar, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
 
-from parti_from_scratch.configuration import ConfigError, config_from_dict
+from parti_from_scratch.configuration import Config, Refused, config_from_dict, positive, require
 from parti_from_scratch.nn.positional import timestep_embedding
 from parti_from_scratch.nn.resnet import ResnetBlock2D, group_norm_silu
 from parti_from_scratch.nn.transformer_2d import SpatialTransformer
@@ -47,32 +48,11 @@ from parti_from_scratch.outputs import ModelOutput
 DOWN_BLOCK_TYPES = ("CrossAttnDownBlock2D", "DownBlock2D")
 UP_BLOCK_TYPES = ("CrossAttnUpBlock2D", "UpBlock2D")
 
-# Keys of diffusers' config that select parts SD 1.x/2.x do not have; each is refused unless it has this value.
-UNSUPPORTED = {
-    "mid_block_type": "UNetMidBlock2DCrossAttn",
-    "dual_cross_attention": False,
-    "class_embed_type": None,
-    "num_class_embeds": None,
-    "class_embeddings_concat": False,
-    "addition_embed_type": None,
-    "encoder_hid_dim": None,
-    "encoder_hid_dim_type": None,
-    "time_embedding_type": "positional",
-    "time_embedding_act_fn": None,
-    "timestep_post_act": None,
-    "time_cond_proj_dim": None,
-    "resnet_time_scale_shift": "default",
-    "resnet_skip_time_act": False,
-    "attention_type": "default",
-    "cross_attention_norm": None,
-    "reverse_transformer_layers_per_block": None,
-}
-
 IntOrTuple = Union[int, Tuple[int, ...]]
 
 
 @dataclass
-class UNet2DConditionConfig:
+class UNet2DConditionConfig(Config):
     """Hyper-parameters of the UNet; field names and defaults are those of diffusers' `unet/config.json`."""
     sample_size: Optional[IntOrTuple] = None      # latent size it was trained at (64 for SD 1.x: 512 px / 8)
     in_channels: int = 4                           # channels of z_t (the VAE's latent channels)
@@ -81,7 +61,6 @@ class UNet2DConditionConfig:
     flip_sin_to_cos: bool = True                   # timestep embedding as [cos, sin] (True in SD) or [sin, cos]
     freq_shift: int = 0                            # downscale_freq_shift of the timestep embedding
     down_block_types: Tuple[str, ...] = ("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",)
-    mid_block_type: str = "UNetMidBlock2DCrossAttn"
     up_block_types: Tuple[str, ...] = ("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3
     only_cross_attention: Union[bool, Tuple[bool, ...]] = False  # first attention reads the text too (per level)
     block_out_channels: Tuple[int, ...] = (320, 640, 1280, 1280)  # width of each level
@@ -99,62 +78,77 @@ class UNet2DConditionConfig:
     use_linear_projection: bool = False            # proj_in/out stored as linear (SD 2.x) or 1x1 conv (SD 1.x)
     upcast_attention: bool = False                 # attention scores in float32 under half precision (SD 2.x)
     time_embedding_dim: Optional[int] = None       # width of t_emb (default 4 * block_out_channels[0])
-    conv_in_kernel: int = 3
+    conv_in_kernel: int = 3                        # odd, so the convolution keeps the size
     conv_out_kernel: int = 3
-    # Parts SD 1.x/2.x do not use: only the default value is supported (see UNSUPPORTED).
-    dual_cross_attention: bool = False
-    class_embed_type: Optional[str] = None
-    num_class_embeds: Optional[int] = None
-    class_embeddings_concat: bool = False
-    addition_embed_type: Optional[str] = None
-    encoder_hid_dim: Optional[int] = None
-    encoder_hid_dim_type: Optional[str] = None
-    time_embedding_type: str = "positional"
-    time_embedding_act_fn: Optional[str] = None
-    timestep_post_act: Optional[str] = None
-    time_cond_proj_dim: Optional[int] = None
-    resnet_time_scale_shift: str = "default"
-    resnet_skip_time_act: bool = False
-    attention_type: str = "default"
-    cross_attention_norm: Optional[str] = None
-    reverse_transformer_layers_per_block: Optional[Tuple[Tuple[int, ...], ...]] = None
 
-    @classmethod
-    def from_dict(cls, values: dict, source: str = "config") -> "UNet2DConditionConfig":
-        config = config_from_dict(cls, values, source=source, unsupported=UNSUPPORTED)
-        config.validate(source)
-        return config
+    choices: ClassVar[Mapping[str, Tuple[Any, ...]]] = {
+        "act_fn": ("silu", "swish"), "down_block_types": DOWN_BLOCK_TYPES, "up_block_types": UP_BLOCK_TYPES,
+        "downsample_padding": (0, 1)}
+    # Keys of diffusers' UNet2DConditionModel that add parts SD 1.x/2.x do not have; only "absent" loads.
+    refused: ClassVar[Mapping[str, Refused]] = {
+        "mid_block_type": Refused(("UNetMidBlock2DCrossAttn",), "another middle block"),
+        "dual_cross_attention": Refused((False, None), "two text encoders' cross-attention"),
+        "class_embed_type": Refused((None,), "a class-label embedding added to t_emb"),
+        "num_class_embeds": Refused((None,), "a class-label embedding added to t_emb"),
+        "class_embeddings_concat": Refused((False, None), "class embeddings concatenated to t_emb"),
+        "addition_embed_type": Refused((None,), "extra conditioning added to t_emb (SDXL's text_time)"),
+        "addition_time_embed_dim": Refused((None,), "SDXL's size/crop conditioning"),
+        "projection_class_embeddings_input_dim": Refused((None,), "SDXL's size/crop conditioning"),
+        "encoder_hid_dim": Refused((None,), "a projection of the text states before cross-attention"),
+        "encoder_hid_dim_type": Refused((None,), "a projection of the text states before cross-attention"),
+        "time_embedding_type": Refused(("positional",), "a Fourier timestep embedding"),
+        "time_embedding_act_fn": Refused((None,), "an activation after the timestep MLP"),
+        "timestep_post_act": Refused((None,), "an activation inside the timestep MLP"),
+        "time_cond_proj_dim": Refused((None,), "a guidance-scale embedding (LCM)"),
+        "resnet_time_scale_shift": Refused(("default",), "scale-shift timestep conditioning in the resnets"),
+        "resnet_skip_time_act": Refused((False, None), "resnets without the SiLU before the time projection"),
+        "resnet_out_scale_factor": Refused((1.0, 1, None), "rescaled resnet outputs"),
+        "attention_type": Refused(("default",), "gated (GLIGEN) attention"),
+        "cross_attention_norm": Refused((None,), "a normalisation of the text states in cross-attention"),
+        "reverse_transformer_layers_per_block": Refused((None,), "different transformer depths on the way up"),
+        "mid_block_only_cross_attention": Refused((None, False), "a self-attention-free middle block"),
+    }
 
-    def validate(self, source: str = "UNet2DConditionConfig") -> None:
-        """Raise ConfigError naming `source` and the key if this config is not one we can build."""
-        for key, allowed in UNSUPPORTED.items():
-            if getattr(self, key) != allowed:
-                raise ConfigError(f"{source}: {key}={getattr(self, key)!r} is not supported (only {allowed!r})")
-        if self.act_fn not in ("silu", "swish"):
-            raise ConfigError(f"{source}: act_fn={self.act_fn!r} is not supported (only 'silu')")
-        for key, kinds in (("down_block_types", DOWN_BLOCK_TYPES), ("up_block_types", UP_BLOCK_TYPES)):
-            values = getattr(self, key)
-            if len(values) != len(self.block_out_channels):
-                raise ConfigError(f"{source}: {key} has {len(values)} entries, block_out_channels has "
-                                  f"{len(self.block_out_channels)}")
-            for kind in values:
-                if kind not in kinds:
-                    raise ConfigError(f"{source}: {key} entry {kind!r} is not supported (only {kinds})")
+    def check(self) -> None:
+        n = len(self.block_out_channels)
+        require(n >= 1, "block_out_channels=(): needs at least one level")
+        for key in ("down_block_types", "up_block_types"):
+            require(len(getattr(self, key)) == n, f"{key} has {len(getattr(self, key))} entries, "
+                                                  f"block_out_channels has {n}")
         for key in ("layers_per_block", "cross_attention_dim", "transformer_layers_per_block",
                     "only_cross_attention", "attention_head_dim", "num_attention_heads"):
             if getattr(self, key) is not None:
-                self.per_block(key, source)
-        if self.norm_num_groups is None:
-            raise ConfigError(f"{source}: norm_num_groups=None is not supported")
+                self.per_block(key)
+        positive(self, "in_channels", "out_channels", "block_out_channels", "layers_per_block", "norm_num_groups",
+                 "cross_attention_dim", "transformer_layers_per_block", "attention_head_dim", "num_attention_heads",
+                 "time_embedding_dim", "sample_size", "conv_in_kernel", "conv_out_kernel", "norm_eps",
+                 "mid_block_scale_factor")
+        for key in ("conv_in_kernel", "conv_out_kernel"):
+            require(getattr(self, key) % 2 == 1, f"{key}={getattr(self, key)}: must be odd (the map keeps its size)")
+        require(0 <= self.dropout < 1, f"dropout={self.dropout}: must be in [0, 1)")
+        require(math.isfinite(self.mid_block_scale_factor), f"mid_block_scale_factor={self.mid_block_scale_factor}: "
+                                                            f"must be finite")
+        half = self.block_out_channels[0] // 2
+        require(0 <= self.freq_shift < half, f"freq_shift={self.freq_shift}: must be in [0, {half}) "
+                                             f"(half of block_out_channels[0])")
+        for c in self.block_out_channels:
+            require(c % self.norm_num_groups == 0, f"norm_num_groups={self.norm_num_groups} does not divide "
+                                                   f"block_out_channels entry {c}")
+        key = "num_attention_heads" if self.num_attention_heads is not None else "attention_head_dim"
+        attention = [t.startswith("CrossAttn") for t in self.down_block_types]
+        attention_up = [t.startswith("CrossAttn") for t in reversed(self.up_block_types)]
+        for level, (c, h) in enumerate(zip(self.block_out_channels, self.heads)):
+            if attention[level] or attention_up[level] or level == n - 1:  # the mid block attends at the last level
+                require(c % h == 0, f"{key}={getattr(self, key)!r}: {h} heads do not divide the "
+                                    f"{c} channels of level {level}")
 
-    def per_block(self, key: str, source: str = "UNet2DConditionConfig") -> tuple:
+    def per_block(self, key: str) -> tuple:
         """A config value given once or per level, as one entry per level (down-path order)."""
         value = getattr(self, key)
         n = len(self.block_out_channels)
-        if isinstance(value, (list, tuple)):
-            if len(value) != n or not all(isinstance(v, (int, bool)) for v in value):
-                raise ConfigError(f"{source}: {key}={value!r} must be one value or {n} numbers, one per level")
-            return tuple(value)
+        if isinstance(value, tuple):
+            require(len(value) == n, f"{key}={value!r} must be one value or {n} values, one per level")
+            return value
         return (value,) * n
 
     @property
@@ -296,8 +290,7 @@ class UNet2DConditionModel(nn.Module):
 
     def __init__(self, config: Optional[UNet2DConditionConfig] = None, **kwargs):
         super().__init__()
-        config = UNet2DConditionConfig(**kwargs) if config is None else config
-        config.validate()
+        config = config_from_dict(UNet2DConditionConfig, kwargs, strict=True) if config is None else config
         self.config = config
         self.in_channels = config.in_channels
         n = len(config.block_out_channels)

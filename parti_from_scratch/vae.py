@@ -21,15 +21,16 @@ then Upsample2D) -> GroupNorm -> SiLU -> conv_out.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Tuple, Union
+from typing import Any, ClassVar, Mapping, Optional, Tuple, Union
 
 import torch
 from einops import rearrange
 from torch import nn
 
-from parti_from_scratch.configuration import ConfigError, config_from_dict
+from parti_from_scratch.configuration import Config, Refused, config_from_dict, positive, require
 from parti_from_scratch.diffusion.process import randn
 from parti_from_scratch.nn.attention import MultiHeadAttention
 from parti_from_scratch.nn.resnet import ResnetBlock2D, group_norm_silu
@@ -38,7 +39,7 @@ from parti_from_scratch.outputs import ModelOutput
 
 
 @dataclass
-class AutoencoderKLConfig:
+class AutoencoderKLConfig(Config):
     """Hyper-parameters of the VAE; field names and defaults are those of diffusers' `vae/config.json`."""
     in_channels: int = 3                       # image channels
     out_channels: int = 3
@@ -51,29 +52,32 @@ class AutoencoderKLConfig:
     norm_num_groups: int = 32
     sample_size: Union[int, Tuple[int, ...]] = 32    # image size it was trained at
     scaling_factor: float = 0.18215            # the UNet sees z * scaling_factor (about unit variance)
-    shift_factor: Optional[float] = None       # (z - shift) * scale in later models; None for SD 1.x/2.x
-    latents_mean: Optional[Tuple[float, ...]] = None  # per-channel statistics some later pipelines use
-    latents_std: Optional[Tuple[float, ...]] = None
-    force_upcast: bool = True                  # pipelines should run this VAE in float32
     use_quant_conv: bool = True                # 1x1 conv after the encoder
     use_post_quant_conv: bool = True           # 1x1 conv before the decoder
     mid_block_add_attention: bool = True       # self-attention in the mid blocks
 
-    @classmethod
-    def from_dict(cls, values: dict, source: str = "config") -> "AutoencoderKLConfig":
-        config = config_from_dict(cls, values, source=source)
-        config.validate(source)
-        return config
+    choices: ClassVar[Mapping[str, Tuple[Any, ...]]] = {
+        "act_fn": ("silu", "swish"), "down_block_types": ("DownEncoderBlock2D",),
+        "up_block_types": ("UpDecoderBlock2D",)}
+    # Keys of diffusers' AutoencoderKL that change the latent space the pipeline would have to use.
+    refused: ClassVar[Mapping[str, Refused]] = {
+        "shift_factor": Refused((None,), "latents shifted as (z - shift_factor) * scaling_factor"),
+        "latents_mean": Refused((None,), "latents normalised per channel"),
+        "latents_std": Refused((None,), "latents normalised per channel"),
+    }
 
-    def validate(self, source: str = "AutoencoderKLConfig") -> None:
-        """Raise ConfigError naming `source` and the key if this config is not one we can build."""
-        for key, kind in (("down_block_types", "DownEncoderBlock2D"), ("up_block_types", "UpDecoderBlock2D")):
-            values = getattr(self, key)
-            if len(values) != len(self.block_out_channels) or any(v != kind for v in values):
-                raise ConfigError(f"{source}: {key}={values!r} is not supported (only {kind!r}, one per "
-                                  f"block_out_channels entry)")
-        if self.act_fn not in ("silu", "swish"):
-            raise ConfigError(f"{source}: act_fn={self.act_fn!r} is not supported (only 'silu')")
+    def check(self) -> None:
+        n = len(self.block_out_channels)
+        require(n >= 1, "block_out_channels=(): needs at least one level")
+        for key in ("down_block_types", "up_block_types"):
+            require(len(getattr(self, key)) == n, f"{key} has {len(getattr(self, key))} entries, "
+                                                  f"block_out_channels has {n}")
+        positive(self, "in_channels", "out_channels", "block_out_channels", "layers_per_block", "latent_channels",
+                 "norm_num_groups", "sample_size", "scaling_factor")
+        require(math.isfinite(self.scaling_factor), f"scaling_factor={self.scaling_factor}: must be finite")
+        for c in self.block_out_channels:
+            require(c % self.norm_num_groups == 0, f"norm_num_groups={self.norm_num_groups} does not divide "
+                                                   f"block_out_channels entry {c}")
 
 
 class DiagonalGaussianDistribution:
@@ -244,8 +248,7 @@ class AutoencoderKL(nn.Module):
 
     def __init__(self, config: Optional[AutoencoderKLConfig] = None, **kwargs):
         super().__init__()
-        config = AutoencoderKLConfig(**kwargs) if config is None else config
-        config.validate()
+        config = config_from_dict(AutoencoderKLConfig, kwargs, strict=True) if config is None else config
         self.config = config
         c = config.latent_channels
         self.encoder = Encoder(config)

@@ -8,6 +8,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from clip_oracle import CLASSES, Case, max_diff, transformers
+from parti_from_scratch.clip import model as clip_model
 from parti_from_scratch.clip.model import (CLIPModel, CLIPTextModel, CLIPTextModelWithProjection, CLIPVisionModel,
                                            CLIPVisionModelWithProjection)
 from parti_from_scratch.configuration import ConfigError
@@ -200,4 +201,33 @@ def test_unsupported_activation_names_the_config_file(case, tmp_path):
     config = json.loads((tmp_path / "config.json").read_text())
     (tmp_path / "config.json").write_text(json.dumps({**config, "hidden_act": "swish_cubed"}))
     with pytest.raises(ConfigError, match=r"config\.json: hidden_act='swish_cubed' is not supported"):
+        CLIPTextModel.from_pretrained(tmp_path)
+
+
+@pytest.mark.parametrize("name, key", [("CLIPTextModel", None), ("CLIPModel", "text_config"),
+                                       ("CLIPModel", "vision_config")])
+def test_a_config_deeper_than_its_weights_fails_before_building(case, tmp_path, monkeypatch, name, key):
+    """num_hidden_layers = 3000 beside a 2-layer file: refused from the file's key indices, no model built
+    (not even on the meta device), so the error costs what the file holds."""
+    copy_with_state(case.folder[name], tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    (config if key is None else config[key])["num_hidden_layers"] = 3000
+    (tmp_path / "config.json").write_text(json.dumps(config))
+
+    def refuse(factory):
+        raise AssertionError("a model was built before the config was compared with the weights")
+    monkeypatch.setattr("weights_convert.transformers_clip.build_on_meta", refuse)
+    path = "encoder.layers" if key is None else f"{key[:-len('_config')]}_model.encoder.layers"
+    with pytest.raises(CheckpointError, match=rf"^{re.escape(str(tmp_path / 'model.safetensors'))}: "
+                                              rf"{re.escape(str(tmp_path / 'config.json'))} \(num_hidden_layers\) "
+                                              rf"asks for 3000 entries of {re.escape(path)}, the weights file has \d"):
+        getattr(clip_model, name).from_pretrained(tmp_path)
+
+
+def test_a_weight_of_the_wrong_dtype_is_named_clip(case, tmp_path):
+    key = "final_layer_norm.weight"  # with or without the text_model. prefix, as the folder's layout has it
+    copy_with_state(case.folder["CLIPTextModel"], tmp_path,
+                    lambda state: state.update({k: v.to(torch.int32) for k, v in state.items() if k.endswith(key)}))
+    with pytest.raises(CheckpointError, match=rf"model\.safetensors: wrong dtypes: final_layer_norm\.weight "
+                                              rf"\(file torch\.int32, model floating point\)$"):
         CLIPTextModel.from_pretrained(tmp_path)

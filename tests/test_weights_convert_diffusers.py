@@ -208,3 +208,58 @@ def test_a_refused_checkpoint_leaves_nothing_loaded(unet_folder):
     with pytest.raises(CheckpointError, match="conv_out.bias"):
         load_into(model, state, source="unet")
     assert all(p.is_meta for p in model.parameters())
+
+
+def _no_model_may_be_built(monkeypatch):
+    """Make building any model (even on the meta device) an error: a refusal must come before it."""
+    def refuse(factory):
+        raise AssertionError("a model was built before the config was compared with the weights")
+    monkeypatch.setattr("weights_convert.diffusers_models.build_on_meta", refuse)
+
+
+@pytest.mark.parametrize("kind, key, value, message", [
+    ("unet", "layers_per_block", 3000, r"config\.json \(layers_per_block\) asks for 3000 entries of "
+                                       r"down_blocks\.0\.resnets, the weights file has 2 \(indices 0, 1\)"),
+    ("unet", "transformer_layers_per_block", 3000, r"config\.json \(transformer_layers_per_block\) asks for 3000 "
+                                                   r"entries of down_blocks\.0\.attentions\.0\.transformer_blocks"),
+    ("unet", "block_out_channels", [32] * 3000, r"config\.json \(block_out_channels\) asks for 3000 entries of "
+                                                r"down_blocks, the weights file has 2"),
+    ("vae", "layers_per_block", 3000, r"config\.json \(layers_per_block\) asks for 3000 entries of "
+                                      r"encoder\.down_blocks\.0\.resnets, the weights file has 1"),
+])
+def test_a_config_larger_than_its_weights_fails_before_building(unet_folder, vae_folder, tmp_path, monkeypatch,
+                                                                   kind, key, value, message):
+    """A config saying 3000 layers next to a small weights file: refused from the file's key indices, with
+    no model built (not even on the meta device), so the error costs what the file holds."""
+    src, _ = unet_folder if kind == "unet" else vae_folder
+    def edit(c):
+        c = {**c, key: value}
+        if key == "block_out_channels":  # keep the per-level lists consistent, so only the count is wrong
+            c.update(down_block_types=["DownBlock2D"] * 3000, up_block_types=["UpBlock2D"] * 3000,
+                     attention_head_dim=8)
+        return c
+    folder = copy_folder(src, tmp_path / kind, edit_config=edit)
+    _no_model_may_be_built(monkeypatch)
+    load = UNet2DConditionModel.from_pretrained if kind == "unet" else AutoencoderKL.from_pretrained
+    with pytest.raises(CheckpointError, match=f"^{re.escape(str(folder / WEIGHTS))}: {re.escape(str(folder))}.*"
+                                              + message):
+        load(folder)
+
+
+@pytest.mark.parametrize("dtype", [torch.int64, torch.bool, torch.complex64])
+def test_a_weight_of_the_wrong_dtype_is_named(unet_folder, tmp_path, dtype):
+    """An integer, bool or complex tensor where the model has a float weight: named, with both dtypes."""
+    src, _ = unet_folder
+    folder = copy_folder(src, tmp_path / "u", edit_state=lambda s: {**s, "conv_in.bias": s["conv_in.bias"].to(dtype)})
+    with pytest.raises(CheckpointError, match=rf"{re.escape(str(folder / WEIGHTS))}: wrong dtypes: conv_in\.bias "
+                                              rf"\(file {re.escape(str(dtype))}, model floating point\)$"):
+        UNet2DConditionModel.from_pretrained(folder)
+
+
+def test_a_weight_of_the_wrong_rank_is_named(vae_folder, tmp_path):
+    src, _ = vae_folder
+    key = "decoder.conv_in.weight"
+    folder = copy_folder(src, tmp_path / "v", edit_state=lambda s: {**s, key: s[key].flatten()})
+    with pytest.raises(CheckpointError, match=rf"{re.escape(str(folder / WEIGHTS))}: wrong shapes: "
+                                              rf"{re.escape(key)} \(file \(\d+,\), model \(64, 4, 3, 3\)\)$"):
+        AutoencoderKL.from_pretrained(folder)

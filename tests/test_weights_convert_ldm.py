@@ -292,6 +292,23 @@ BAD_FILES = {
                     rf"wrong shapes: {re.escape(_NARROWED)} \(file \(\d+, \d+, 3, 3\), model \(\d+, \d+, 3, 3\)\)$"),
     "no text encoder": (lambda s: {k: v for k, v in s.items() if not k.startswith("cond_stage_model.")},
                         load_single_file, r"no Stable Diffusion text encoder found"),
+    "conv weight of rank 1": (lambda s: {**s, UNET + "input_blocks.0.0.weight": s[UNET + "input_blocks.0.0.weight"]
+                                         .flatten()}, load_single_file,
+                              r"model\.diffusion_model\.input_blocks\.0\.0\.weight has shape \(\d+,\); "
+                              r"expected 4 dimensions$"),
+    "embedding of rank 1": (lambda s: {k: (v.flatten() if k.endswith("token_embedding.weight") else v)
+                                       for k, v in s.items()}, load_single_file,
+                            r"cond_stage_model\.\S+token_embedding\.weight has shape \(\d+,\); "
+                            r"expected 2 dimensions$"),
+    "integer weight": (lambda s: {**s, _NARROWED: s[_NARROWED].to(torch.int32)}, load_single_file_components,
+                       rf"wrong dtypes: {re.escape(_NARROWED)} \(file torch\.int32, model floating point\)$"),
+    "beta above 1": (lambda s: {**s, "betas": torch.linspace(0.1, 2.0, 1000)}, load_single_file,
+                     r"betas\[\d+\]=1\.0\d*: every beta_t must be a finite number in \(0, 1\)$"),
+    "betas of rank 2": (lambda s: {**s, "betas": torch.full((10, 100), 0.01)}, load_single_file,
+                        r"betas: expected one value per timestep \(1-D\), got shape \(10, 100\)$"),
+    "alphas_cumprod of another length": (
+        lambda s: {**s, "betas": torch.full((1000,), 0.01), "alphas_cumprod": torch.rand(500)}, load_single_file,
+        r"alphas_cumprod has shape \(500,\), betas \(1000,\): one value per timestep in both$"),
 }
 
 
@@ -412,3 +429,30 @@ def test_plain_torch_save_loads_with_weights_only(sd, tmp_path, monkeypatch):
     path = tmp_path / "plain.ckpt"
     torch.save({"state_dict": state}, path)
     _assert_same_tensors(read_ldm_checkpoint(path), state, "weights_only load")
+
+
+def test_stride0_betas_are_refused_before_they_are_copied(sd, tmp_path):
+    """torch.save of an expanded tensor stores one float for 2^26 betas; refused by its length, never copied."""
+    state = dict(read_ldm_checkpoint(sd["path"]))
+    state["betas"] = torch.full((1,), 0.01).expand(2 ** 26)
+    path = tmp_path / "bomb.ckpt"
+    torch.save(state, path)
+    assert path.stat().st_size < 50 * 2 ** 20  # the file holds one float for the betas, not 2^26
+    with pytest.raises(CheckpointError, match=re.escape(str(path)) + r": betas: 67108864 timesteps; expected 2 to "
+                                                                     r"100,000$"):
+        load_single_file(path)
+
+
+def test_a_config_override_larger_than_the_file_fails_before_building(sd, monkeypatch):
+    """configs={"unet": {"layers_per_block": 3000}}: refused against the file's own count before any rule list
+    or model is made for 3000 layers."""
+    def refuse(*args, **kwargs):
+        raise AssertionError("built before the override was compared with the file")
+    for name in ("build_on_meta", "_blocks"):
+        monkeypatch.setattr(f"weights_convert.ldm_checkpoint.{name}", refuse)
+    held = UNET_KWARGS[sd["version"]]["layers_per_block"]
+    with pytest.raises(CheckpointError, match=rf"{re.escape(str(sd['path']))}: configs\['unet'\]\['layers_per_block'\]"
+                                              rf"=3000 does not match the file, which holds {held}$"):
+        load_single_file_components(sd["path"], configs={"unet": {"layers_per_block": 3000}})
+    with pytest.raises(CheckpointError, match=r"configs\['text_encoder'\]\['num_hidden_layers'\]=3000"):
+        load_single_file(sd["path"], configs={"text_encoder": {"num_hidden_layers": 3000}})

@@ -7,8 +7,12 @@
 * `rename_keys` applies ordered regex rules to every key and accounts for all
   of them: each source key is renamed by exactly one rule or ignored with a
   stated reason; any other key is an error.
-* `load_into` builds nothing half-way: it compares the converted keys and
-  shapes with the model's parameters and raises before touching the model.
+* `check_repeats` compares the config's repeat counts (levels, layers) with
+  the file's key indices before a model is built, so building costs what the
+  file holds, whatever the config claims.
+* `load_into` builds nothing half-way: it compares the converted keys,
+  shapes and dtypes (floating point where the model has floating point) with
+  the model's parameters and raises before touching the model.
 """
 from __future__ import annotations
 
@@ -16,7 +20,8 @@ import pickle
 import re
 import zipfile
 from pathlib import Path
-from typing import Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, TypeVar, Union
+from typing import (Callable, Collection, Dict, Iterable, List, Mapping, Optional, Sequence, Set, Tuple, TypeVar,
+                    Union)
 
 import torch
 from torch import nn
@@ -132,13 +137,19 @@ def rename_keys(state: Mapping[str, torch.Tensor], rules: Sequence[Rule], ignore
 
 
 def check_state_dict(model: nn.Module, state: Mapping[str, torch.Tensor], source: str = "checkpoint") -> None:
-    """Raise CheckpointError unless `state` has exactly the model's keys with the model's shapes."""
-    check_shapes({k: tuple(v.shape) for k, v in model.state_dict().items()}, state, source)
+    """Raise CheckpointError unless `state` has exactly the model's keys, shapes and kinds of dtype."""
+    tensors = model.state_dict()
+    check_shapes({k: tuple(v.shape) for k, v in tensors.items()}, state, source,
+                 floating={k for k, v in tensors.items() if v.is_floating_point()})
 
 
 def check_shapes(expected: Mapping[str, Tuple[int, ...]], state: Mapping[str, torch.Tensor],
-                 source: str = "checkpoint") -> None:
-    """Raise CheckpointError unless `state` has exactly the keys of `expected`, with those shapes."""
+                 source: str = "checkpoint", floating: Optional[Collection[str]] = None) -> None:
+    """Raise CheckpointError unless `state` has exactly the keys of `expected`, with those shapes.
+
+    floating: the keys whose tensors must hold floating-point values (default: all);
+        an integer, bool or complex tensor there cannot become a weight.
+    """
     missing = expected.keys() - state.keys()
     extra = state.keys() - expected.keys()
     problems = []
@@ -146,12 +157,53 @@ def check_shapes(expected: Mapping[str, Tuple[int, ...]], state: Mapping[str, to
         problems.append(f"missing keys: {_list(missing)}")
     if extra:
         problems.append(f"unexpected keys: {_list(extra)}")
+    common = sorted(expected.keys() & state.keys())
     wrong = [f"{k} (file {tuple(state[k].shape)}, model {expected[k]})"
-             for k in sorted(expected.keys() & state.keys()) if tuple(state[k].shape) != expected[k]]
+             for k in common if tuple(state[k].shape) != tuple(expected[k])]
     if wrong:
         problems.append(f"wrong shapes: {_list(wrong)}")
+    must_float = set(common) if floating is None else set(common) & set(floating)
+    wrong_dtype = [f"{k} (file {state[k].dtype}, model floating point)"
+                   for k in sorted(must_float) if not state[k].is_floating_point()]
+    if wrong_dtype:
+        problems.append(f"wrong dtypes: {_list(wrong_dtype)}")
     if problems:
         raise CheckpointError(f"{source}: " + "; ".join(problems))
+
+
+# (ModuleList path, entries the config asks for, the config key that says so)
+Repeat = Tuple[str, int, str]
+
+
+def list_indices(keys: Iterable[str]) -> Dict[str, Set[int]]:
+    """For each `<path>.<i>.` inside the keys, the set of indices i found under <path> (a ModuleList's entries)."""
+    found: Dict[str, Set[int]] = {}
+    for key in keys:
+        parts = key.split(".")
+        for i, part in enumerate(parts):
+            if part.isascii() and part.isdigit():
+                found.setdefault(".".join(parts[:i]), set()).add(int(part))
+    return found
+
+
+def check_repeats(repeats: Iterable[Repeat], keys: Iterable[str], source: str, config_source: str) -> None:
+    """Before anything is built: every entry 0 .. count-1 of each ModuleList the config asks for is in the file.
+
+    A model's size grows with its repeat counts (levels, layers per level,
+    Transformer blocks), so this check, run first, makes the cost of building
+    proportional to the weights file: a config asking for 3000 layers of a
+    2-layer file is refused here, not after building 3000 layers. `repeats`
+    may be a generator, consumed in order (outer lists first), so an absurd
+    count stops it before its inner lists are listed.
+    """
+    found = list_indices(keys)
+    for path, count, config_key in repeats:
+        indices = found.get(path, set())
+        if sum(1 for i in indices if i < count) < count:  # entries beyond `count` are unexpected keys, named later
+            shown = f"indices {', '.join(map(str, sorted(indices)[:8]))}{', ...' if len(indices) > 8 else ''}" \
+                if indices else "none"
+            raise CheckpointError(f"{source}: {config_source} ({config_key}) asks for {count} entries of "
+                                  f"{path}, the weights file has {len(indices)} ({shown})")
 
 
 def build_on_meta(factory: Callable[[], M]) -> M:
@@ -170,7 +222,10 @@ def load_into(model: M, state: Mapping[str, torch.Tensor], source: str = "checkp
     check_state_dict(model, state, source)
     if dtype is not None:
         state = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in state.items()}
-    model.load_state_dict(state, strict=True, assign=True)
+    try:
+        model.load_state_dict(state, strict=True, assign=True)
+    except RuntimeError as e:  # anything check_state_dict did not foresee still names the file
+        raise CheckpointError(f"{source}: {e}") from None
     leftovers = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
     if leftovers:
         raise CheckpointError(f"{source}: tensors not filled by the checkpoint: {_list(leftovers)}")

@@ -24,7 +24,9 @@ back, W_conv = W_linear[:, :, None, None], when writing an SD 1.x config).
 The same rule reads VAE attention weights stored as 1x1 convolutions.
 Every other tensor keeps its shape; `load_into` checks all of them.
 
-Loading is strict and all-or-nothing: the model is built on the meta device,
+Loading is strict and all-or-nothing: the config's repeat counts (levels,
+resnets per level, Transformer blocks) are compared with the file's key
+indices first (`unet_repeats`, `vae_repeats`), then the model is built on the meta device,
 the renamed state dict is compared with it (missing, unexpected, wrongly
 shaped keys are an error naming the file and the keys), and only then are the
 tensors assigned.
@@ -34,14 +36,14 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
-from typing import Callable, Optional, Tuple, Union
+from typing import Callable, Iterable, Iterator, Optional, Tuple, Union
 
 import torch
 from torch import nn
 
 from parti_from_scratch.configuration import ConfigError, config_to_dict, read_json, resolve_folder
-from weights_convert.common import (StateDict, build_on_meta, find_weights_file, load_into, read_state_dict,
-                                    rename_keys)
+from weights_convert.common import (Repeat, StateDict, build_on_meta, check_repeats, find_weights_file, load_into,
+                                    read_state_dict, rename_keys)
 
 PathLike = Union[str, Path]
 WEIGHTS_STEM = "diffusion_pytorch_model"
@@ -110,10 +112,45 @@ def read_config(folder: Path, class_name: str) -> Tuple[dict, str]:
     return values, str(path)
 
 
-def load_model(folder: Path, factory: Callable[[], nn.Module], dtype: Optional[torch.dtype]) -> nn.Module:
-    """Build `factory()` on the meta device and fill it, strictly, from the folder's weights file."""
+def unet_repeats(config) -> Iterator[Repeat]:
+    """The UNet's ModuleLists in our names and the length `config` gives each, outer lists first."""
+    n = len(config.block_out_channels)
+    layers, depth = config.per_block("layers_per_block"), config.per_block("transformer_layers_per_block")
+    yield "down_blocks", n, "block_out_channels"
+    yield "up_blocks", n, "block_out_channels"
+    attended = []  # (path of a SpatialTransformer, its level)
+    for i, kind in enumerate(config.down_block_types):
+        cross = kind.startswith("CrossAttn")
+        yield f"down_blocks.{i}.resnets", layers[i], "layers_per_block"
+        yield f"down_blocks.{i}.attentions", layers[i] if cross else 0, "layers_per_block, down_block_types"
+        attended += [(f"down_blocks.{i}.attentions.{j}", i) for j in range(layers[i] if cross else 0)]
+    for i, kind in enumerate(config.up_block_types):
+        level, cross = n - 1 - i, kind.startswith("CrossAttn")
+        yield f"up_blocks.{i}.resnets", layers[level] + 1, "layers_per_block"
+        yield f"up_blocks.{i}.attentions", layers[level] + 1 if cross else 0, "layers_per_block, up_block_types"
+        attended += [(f"up_blocks.{i}.attentions.{j}", level) for j in range(layers[level] + 1 if cross else 0)]
+    attended.append(("mid_block.attentions.0", n - 1))
+    for path, level in attended:
+        yield f"{path}.transformer_blocks", depth[level], "transformer_layers_per_block"
+
+
+def vae_repeats(config) -> Iterator[Repeat]:
+    """The VAE's ModuleLists in our names and the length `config` gives each, outer lists first."""
+    n, layers = len(config.block_out_channels), config.layers_per_block
+    yield "encoder.down_blocks", n, "block_out_channels"
+    yield "decoder.up_blocks", n, "block_out_channels"
+    for i in range(n):
+        yield f"encoder.down_blocks.{i}.resnets", layers, "layers_per_block"
+        yield f"decoder.up_blocks.{i}.resnets", layers + 1, "layers_per_block"
+
+
+def load_model(folder: Path, factory: Callable[[], nn.Module], dtype: Optional[torch.dtype],
+               repeats: Iterable[Repeat], config_source: str) -> nn.Module:
+    """Check the config's repeat counts against the folder's weights, then build `factory()` on the meta
+    device and fill it, strictly."""
     weights = find_weights_file(folder, [WEIGHTS_STEM])
     state = from_diffusers(read_state_dict(weights), source=str(weights))
+    check_repeats(repeats, state, str(weights), config_source)
     return load_into(build_on_meta(factory), state, source=str(weights), dtype=dtype)
 
 
@@ -134,7 +171,7 @@ def load_unet(path: PathLike, subfolder: Optional[str] = None, dtype: Optional[t
     folder = resolve_folder(path, subfolder)
     values, source = read_config(folder, "UNet2DConditionModel")
     config = UNet2DConditionConfig.from_dict(values, source=source)
-    return load_model(folder, lambda: UNet2DConditionModel(config), dtype)
+    return load_model(folder, lambda: UNet2DConditionModel(config), dtype, unet_repeats(config), source)
 
 
 def load_vae(path: PathLike, subfolder: Optional[str] = None, dtype: Optional[torch.dtype] = torch.float32):
@@ -143,7 +180,7 @@ def load_vae(path: PathLike, subfolder: Optional[str] = None, dtype: Optional[to
     folder = resolve_folder(path, subfolder)
     values, source = read_config(folder, "AutoencoderKL")
     config = AutoencoderKLConfig.from_dict(values, source=source)
-    return load_model(folder, lambda: AutoencoderKL(config), dtype)
+    return load_model(folder, lambda: AutoencoderKL(config), dtype, vae_repeats(config), source)
 
 
 def save_unet(model, folder: PathLike) -> None:

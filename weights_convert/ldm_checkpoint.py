@@ -71,6 +71,8 @@ import torch
 
 from weights_convert.common import (CheckpointError, PathLike, Rule, StateDict, _list, build_on_meta, check_shapes,
                                     load_into, read_state_dict, rename_keys)
+from parti_from_scratch.configuration import ConfigError
+from parti_from_scratch.diffusion.schedule import check_betas
 from weights_convert.safe_unpickle import restricted_load
 
 UNET, VAE = "model.diffusion_model.", "first_stage_model."
@@ -145,10 +147,15 @@ def read_ldm_checkpoint(path: PathLike) -> StateDict:
 
 # ------------------------------------------------------------------------------------ config inference
 
-def _shape(state: Mapping[str, torch.Tensor], key: str, source: str) -> Tuple[int, ...]:
+def _shape(state: Mapping[str, torch.Tensor], key: str, source: str, *ranks: int) -> Tuple[int, ...]:
+    """The shape of `state[key]`, which must have one of `ranks` dimensions (4 for a conv, 2 for a linear)."""
     if key not in state:
         raise CheckpointError(f"{source}: missing key {key!r}, needed to infer the model's configuration")
-    return tuple(state[key].shape)
+    shape = tuple(state[key].shape)
+    if len(shape) not in ranks:
+        raise CheckpointError(f"{source}: {key} has shape {shape}; expected {' or '.join(map(str, ranks))} "
+                              f"dimensions")
+    return shape
 
 
 def _count(keys: Iterable[str], pattern: str, source: str) -> int:
@@ -182,19 +189,20 @@ def _unet_config(state: Mapping[str, torch.Tensor], version: str, prediction_typ
     attention_down = [any(f"{UNET}input_blocks.{i + j}.1.proj_in.weight" in state for j in range(n)) for i in first]
     attention_up = [any(f"{UNET}output_blocks.{b * (n + 1) + j}.1.proj_in.weight" in state for j in range(n + 1))
                     for b in range(levels)]
-    channels = [_shape(state, f"{UNET}input_blocks.{i}.0.out_layers.3.weight", source)[0] for i in first]
-    proj_in = _shape(state, f"{UNET}middle_block.1.proj_in.weight", source)
+    channels = [_shape(state, f"{UNET}input_blocks.{i}.0.out_layers.3.weight", source, 4)[0] for i in first]
+    proj_in = _shape(state, f"{UNET}middle_block.1.proj_in.weight", source, 2, 4)
     v_model = version == "2" and prediction_type == "v_prediction"
     return {
         "sample_size": 96 if v_model else 64,  # latent side: 768 or 512 px / 8
-        "in_channels": _shape(state, UNET + "input_blocks.0.0.weight", source)[1],
-        "out_channels": _shape(state, UNET + "out.2.weight", source)[0],
+        "in_channels": _shape(state, UNET + "input_blocks.0.0.weight", source, 4)[1],
+        "out_channels": _shape(state, UNET + "out.2.weight", source, 4)[0],
         "down_block_types": ["CrossAttnDownBlock2D" if a else "DownBlock2D" for a in attention_down],
         "mid_block_type": "UNetMidBlock2DCrossAttn",
         "up_block_types": ["CrossAttnUpBlock2D" if a else "UpBlock2D" for a in attention_up],
         "block_out_channels": channels,
         "layers_per_block": n,
-        "cross_attention_dim": _shape(state, f"{UNET}middle_block.1.transformer_blocks.0.attn2.to_k.weight", source)[1],
+        "cross_attention_dim": _shape(state, f"{UNET}middle_block.1.transformer_blocks.0.attn2.to_k.weight", source,
+                                      2)[1],
         # diffusers' name for the NUMBER of heads: SD 1.x has 8 everywhere, SD 2.x 64-dim heads per level
         "attention_head_dim": 8 if version == "1" else [c // HEAD_DIM for c in channels],
         "use_linear_projection": len(proj_in) == 2,  # SD 2.x: linear (C, C); SD 1.x: 1x1 conv (C, C, 1, 1)
@@ -208,14 +216,14 @@ def _vae_config(state: Mapping[str, torch.Tensor], latent_size: int, source: str
     n = _count(state, re.escape(VAE) + r"encoder\.down\.0\.block\.(\d+)\.", source)
     return {
         "sample_size": latent_size * 2 ** (levels - 1),
-        "in_channels": _shape(state, VAE + "encoder.conv_in.weight", source)[1],
-        "out_channels": _shape(state, VAE + "decoder.conv_out.weight", source)[0],
+        "in_channels": _shape(state, VAE + "encoder.conv_in.weight", source, 4)[1],
+        "out_channels": _shape(state, VAE + "decoder.conv_out.weight", source, 4)[0],
         "down_block_types": ["DownEncoderBlock2D"] * levels,
         "up_block_types": ["UpDecoderBlock2D"] * levels,
-        "block_out_channels": [_shape(state, f"{VAE}encoder.down.{b}.block.{n - 1}.conv2.weight", source)[0]
+        "block_out_channels": [_shape(state, f"{VAE}encoder.down.{b}.block.{n - 1}.conv2.weight", source, 4)[0]
                                for b in range(levels)],
         "layers_per_block": n,
-        "latent_channels": _shape(state, VAE + "post_quant_conv.weight", source)[0],
+        "latent_channels": _shape(state, VAE + "post_quant_conv.weight", source, 4)[0],
         "act_fn": "silu", "norm_num_groups": 32, "scaling_factor": 0.18215,
     }
 
@@ -230,23 +238,34 @@ def _text_config(state: Mapping[str, torch.Tensor], version: str, source: str) -
         embed, position = OPEN_CLIP + "token_embedding.weight", OPEN_CLIP + "positional_embedding"
         layers = _count(state, re.escape(OPEN_CLIP) + r"transformer\.resblocks\.(\d+)\.", source) - 1  # penultimate
         fc1 = OPEN_CLIP + "transformer.resblocks.0.mlp.c_fc.weight"
-    vocab_size, hidden_size = _shape(state, embed, source)
+    vocab_size, hidden_size = _shape(state, embed, source, 2)
     return {
         "vocab_size": vocab_size, "hidden_size": hidden_size,
-        "intermediate_size": _shape(state, fc1, source)[0],
+        "intermediate_size": _shape(state, fc1, source, 2)[0],
         "num_hidden_layers": layers,
         "num_attention_heads": hidden_size // HEAD_DIM,
-        "max_position_embeddings": _shape(state, position, source)[0],
+        "max_position_embeddings": _shape(state, position, source, 2)[0],
         "hidden_act": "quick_gelu" if version == "1" else "gelu",  # OpenAI's x*sigmoid(1.702x); OpenCLIP's exact GELU
         "layer_norm_eps": 1e-5,
     }
 
 
-def _scheduler_config(state: Mapping[str, torch.Tensor], prediction_type: str) -> dict:
-    """PNDM_CONFIG with the file's schedule: scaled-linear endpoints read off `betas`, or the betas themselves."""
+def _scheduler_config(state: Mapping[str, torch.Tensor], prediction_type: str, source: str) -> dict:
+    """PNDM_CONFIG with the file's schedule: scaled-linear endpoints read off `betas`, or the betas themselves.
+
+    `betas` is validated (schedule.check_betas: 1-D, at most MAX_TRAIN_TIMESTEPS values, each in (0, 1))
+    before any value is copied, and the file's `alphas_cumprod`, if present, must be as long.
+    """
     config = dict(PNDM_CONFIG, prediction_type=prediction_type)
     if "betas" in state:
-        betas = state["betas"].double().flatten()
+        try:
+            check_betas(state["betas"], "betas")
+        except ConfigError as e:
+            raise CheckpointError(f"{source}: {e}") from None
+        if "alphas_cumprod" in state and tuple(state["alphas_cumprod"].shape) != tuple(state["betas"].shape):
+            raise CheckpointError(f"{source}: alphas_cumprod has shape {tuple(state['alphas_cumprod'].shape)}, "
+                                  f"betas {tuple(state['betas'].shape)}: one value per timestep in both")
+        betas = state["betas"].double()
         scaled_linear = torch.linspace(betas[0].sqrt().item(), betas[-1].sqrt().item(), len(betas),
                                        dtype=torch.float64) ** 2
         config["num_train_timesteps"] = len(betas)
@@ -267,6 +286,20 @@ def _check_heads(configs: dict, source: str) -> None:
     if bad:
         raise CheckpointError(f"{source}: cannot split into attention heads: {', '.join(bad)}; these models do not "
                               f"use {HEAD_DIM}-channel heads, pass the head counts in `configs`")
+
+
+# The config keys that fix how many blocks each model has; the file's tensors say them, so an override
+# must agree (a larger count would only build parts the file cannot fill).
+STRUCTURE = {"unet": ("block_out_channels", "down_block_types", "up_block_types", "layers_per_block"),
+             "vae": ("block_out_channels", "down_block_types", "up_block_types", "layers_per_block"),
+             "text_encoder": ("num_hidden_layers",)}
+
+
+def _structure_of(key: str, value: Any) -> Any:
+    """What of a structural value the block count depends on: a list's length (block_out_channels), else the value."""
+    if key == "block_out_channels":
+        return len(value) if isinstance(value, (list, tuple)) else value
+    return list(value) if isinstance(value, (list, tuple)) else value
 
 
 def infer_configs(state: Mapping[str, torch.Tensor], version: Optional[str] = None,
@@ -299,12 +332,18 @@ def infer_configs(state: Mapping[str, torch.Tensor], version: Optional[str] = No
         "text_encoder": text,
         "tokenizer": {"model_max_length": text["max_position_embeddings"],
                       "pad_token": "<|endoftext|>" if found == "1" else "!"},
-        "scheduler": _scheduler_config(state, prediction_type),
+        "scheduler": _scheduler_config(state, prediction_type, source),
     }
     for component, values in (configs or {}).items():
         if component not in result or component == "version":
             raise ValueError(f"configs: unknown component {component!r} (expected one of "
                              f"{', '.join(k for k in result if k != 'version')})")
+        if not isinstance(values, Mapping):
+            raise ValueError(f"configs[{component!r}]: expected a mapping of config keys, got {type(values).__name__}")
+        for key in STRUCTURE.get(component, ()):
+            if key in values and _structure_of(key, values[key]) != _structure_of(key, result[component][key]):
+                raise CheckpointError(f"{source}: configs[{component!r}][{key!r}]={values[key]!r} does not match "
+                                      f"the file, which holds {result[component][key]!r}")
         result[component] = {**result[component], **values}
     _check_heads(result, source)
     return result
@@ -431,12 +470,12 @@ def _unpack(state: Mapping[str, torch.Tensor], source: str) -> StateDict:
     out: StateDict = {}
     for key, tensor in state.items():
         fused = _IN_PROJ.fullmatch(key)
-        if _VAE_ATTENTION_WEIGHT.fullmatch(key) and tensor.ndim == 4:
+        if _VAE_ATTENTION_WEIGHT.fullmatch(key) and tensor.ndim == 4 and tensor.shape[2:] == (1, 1):
             # a 1x1 convolution applies the same (C, C) matrix at every pixel: W_linear = W_conv[:, :, 0, 0]
             out[key] = tensor[:, :, 0, 0]
         elif fused:
-            if tensor.shape[0] % 3:
-                raise CheckpointError(f"{source}: {key} has {tensor.shape[0]} rows, not 3 x width")
+            if tensor.ndim == 0 or tensor.shape[0] % 3:
+                raise CheckpointError(f"{source}: {key} has shape {tuple(tensor.shape)}, not 3 x width rows")
             # in_proj = [W_Q; W_K; W_V] stacked along the output dimension: (3d, d) -> 3 x (d, d)
             for name, part in zip("qkv", tensor.chunk(3, dim=0)):
                 out[f"{OPEN_CLIP}{fused[1]}.{name}_proj.{fused[2]}"] = part.clone()
@@ -571,15 +610,15 @@ def load_single_file(path: PathLike, version: Optional[str] = None, prediction_t
 def _build_models(configs: Mapping[str, Any], source: str) -> Dict[str, Any]:
     """Our UNet, VAE and text encoder for `configs`, on the meta device (no memory for weights yet)."""
     from parti_from_scratch.clip.model import CLIPTextConfig, CLIPTextModel
-    from parti_from_scratch.configuration import ConfigError, config_from_dict
+    from parti_from_scratch.configuration import ConfigError
     from parti_from_scratch.unet import UNet2DConditionConfig, UNet2DConditionModel
     from parti_from_scratch.vae import AutoencoderKL, AutoencoderKLConfig
     try:
         unet = UNet2DConditionConfig.from_dict(configs["unet"], source=f"{source} (unet config)")
         vae = AutoencoderKLConfig.from_dict(configs["vae"], source=f"{source} (vae config)")
-        text = config_from_dict(CLIPTextConfig, configs["text_encoder"], source=f"{source} (text_encoder config)")
-    except (ConfigError, TypeError) as e:
-        raise CheckpointError(f"{source}: {e}") from None
+        text = CLIPTextConfig.from_dict(configs["text_encoder"], source=f"{source} (text_encoder config)")
+    except ConfigError as e:
+        raise CheckpointError(str(e)) from None
     return {"unet": build_on_meta(lambda: UNet2DConditionModel(unet)),
             "vae": build_on_meta(lambda: AutoencoderKL(vae)),
             "text_encoder": build_on_meta(lambda: CLIPTextModel(text))}

@@ -38,7 +38,8 @@ from parti_from_scratch.clip.model import (CLIPConfig, CLIPModel, CLIPTextConfig
                                            CLIPTextModelWithProjection, CLIPVisionConfig, CLIPVisionModel,
                                            CLIPVisionModelWithProjection)
 from parti_from_scratch.configuration import ConfigError, config_from_dict, config_to_dict, read_json, resolve_folder
-from weights_convert.common import (build_on_meta, find_weights_file, load_into, read_state_dict, rename_keys)
+from weights_convert.common import (Repeat, build_on_meta, check_repeats, find_weights_file, load_into,
+                                    read_state_dict, rename_keys)
 
 # A rule (transformers' name, our name, tail): a key is name + tail, and the tail's one group carries over.
 _WEIGHT_BIAS = r"(weight|bias)"
@@ -149,25 +150,40 @@ def source_model_type(cls: type, raw: dict, config_file: Path) -> str:
     return model_type
 
 
-def _sub_config(raw: dict, key: str) -> dict:
+def _sub_config(raw: dict, key: str, config_file: Path) -> dict:
     # configs written by early transformers versions also carry `<key>_dict`, which takes precedence
-    return {**(raw.get(key) or {}), **(raw.get(f"{key}_dict") or {})}
+    parts = [raw.get(key) or {}, raw.get(f"{key}_dict") or {}]
+    for name, part in zip((key, f"{key}_dict"), parts):
+        if not isinstance(part, dict):
+            raise ConfigError(f"{config_file}: {name}={part!r} should be a JSON object")
+    return {**parts[0], **parts[1]}
 
 
 def read_config(cls: type, raw: dict, model_type: str, config_file: Path):
-    """Our config for `cls` from the parsed config.json of a `model_type` folder; errors name the file."""
+    """Our config for `cls` from the parsed config.json of a `model_type` folder; errors name the file and key."""
     config_class = cls.config_class
-    try:
-        if config_class is CLIPConfig:
-            towers = {key: config_from_dict(sub, _sub_config(raw, key)) for sub, key in _SUB_CONFIG.items()}
-            return config_from_dict(CLIPConfig, {**raw, **towers})
-        if model_type == "clip":  # one tower of a full CLIP folder, projecting to the shared joint width
-            values = {**_sub_config(raw, _SUB_CONFIG[config_class]),
-                      "projection_dim": raw.get("projection_dim", CLIPConfig.projection_dim)}
-            return config_from_dict(config_class, values)
-        return config_from_dict(config_class, raw)
-    except (ConfigError, TypeError) as e:
-        raise ConfigError(f"{config_file}: {e}") from None
+    if config_class is CLIPConfig:
+        towers = {}
+        for sub, key in _SUB_CONFIG.items():
+            try:
+                towers[key] = config_from_dict(sub, _sub_config(raw, key, config_file))
+            except ConfigError as e:
+                raise ConfigError(f"{config_file}: {key}.{e}") from None
+        return config_from_dict(CLIPConfig, {**raw, **towers}, source=str(config_file))
+    if model_type == "clip":  # one tower of a full CLIP folder, projecting to the shared joint width
+        key = _SUB_CONFIG[config_class]
+        values = {**_sub_config(raw, key, config_file),
+                  "projection_dim": raw.get("projection_dim", CLIPConfig.projection_dim)}
+        return config_from_dict(config_class, values, source=f"{config_file}: {key}")
+    return config_from_dict(config_class, raw, source=str(config_file))
+
+
+def clip_repeats(cls: type, config) -> List[Repeat]:
+    """Each tower's list of Transformer blocks in our names, and the length the config gives it."""
+    layout = _layout(cls)
+    towers = {"text": getattr(config, "text_config", config), "vision": getattr(config, "vision_config", config)}
+    return [(f"{layout[part]}encoder.layers", towers[part].num_hidden_layers, "num_hidden_layers")
+            for part in ("text", "vision") if part in layout]
 
 
 def load_pretrained(cls: Type[nn.Module], path: Union[str, Path], subfolder: Optional[str] = None,
@@ -184,6 +200,7 @@ def load_pretrained(cls: Type[nn.Module], path: Union[str, Path], subfolder: Opt
     weights = find_weights_file(folder, ("model", "pytorch_model"))
     state = rename_keys(read_state_dict(weights), load_rules(cls), ignore_rules(cls, model_type),
                         source=str(weights))
+    check_repeats(clip_repeats(cls, config), state, str(weights), str(config_file))
     model = build_on_meta(lambda: cls(config))
     return load_into(model, state, source=str(weights), dtype=dtype)
 

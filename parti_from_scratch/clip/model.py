@@ -27,10 +27,11 @@ checkpoints with a handful of prefix rules.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Any, Callable, ClassVar, Dict, Optional, Tuple, Union
+from typing import Any, Callable, ClassVar, Dict, Mapping, Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -38,7 +39,7 @@ from einops import rearrange
 from torch import nn
 
 from parti_from_scratch.clip.loss import similarity_logits, symmetric_cross_entropy
-from parti_from_scratch.configuration import ConfigError
+from parti_from_scratch.configuration import Config, positive, require
 from parti_from_scratch.nn.attention import MultiHeadAttention, causal_mask, combine_masks, padding_mask
 from parti_from_scratch.nn.positional import LearnedPositionalEmbedding
 from parti_from_scratch.outputs import ModelOutput
@@ -59,16 +60,16 @@ ACTIVATIONS: Dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
 }
 
 
-def _check_encoder_config(config: Any) -> None:
-    if config.hidden_act not in ACTIVATIONS:
-        raise ConfigError(f"hidden_act={config.hidden_act!r} is not supported (only {sorted(ACTIVATIONS)})")
-    if config.hidden_size % config.num_attention_heads != 0:
-        raise ConfigError(f"hidden_size {config.hidden_size} is not divisible by "
-                          f"num_attention_heads {config.num_attention_heads}")
+def _check_encoder_config(config: Union["CLIPTextConfig", "CLIPVisionConfig"]) -> None:
+    """The rules both towers share: positive sizes, heads dividing the width."""
+    positive(config, "hidden_size", "intermediate_size", "projection_dim", "num_hidden_layers",
+             "num_attention_heads", "layer_norm_eps")
+    require(config.hidden_size % config.num_attention_heads == 0,
+            f"num_attention_heads={config.num_attention_heads}: does not divide hidden_size={config.hidden_size}")
 
 
 @dataclass
-class CLIPTextConfig:
+class CLIPTextConfig(Config):
     """The text encoder's hyper-parameters; defaults are openai/clip-vit-base-patch32's."""
     vocab_size: int = 49408                 # BPE vocabulary, special tokens included
     hidden_size: int = 512                  # width d of the residual stream
@@ -79,21 +80,25 @@ class CLIPTextConfig:
     max_position_embeddings: int = 77       # context length: one learned position vector per token slot
     hidden_act: str = "quick_gelu"          # MLP non-linearity, a key of ACTIVATIONS
     layer_norm_eps: float = 1e-5            # epsilon of every LayerNorm
-    pad_token_id: int = 1                   # the tokenizer's padding id (masking uses attention_mask, not this)
-    bos_token_id: int = 49406               # <|startoftext|>
+    pad_token_id: int = 1                   # the tokenizer's ids, written back by save_pretrained (the model
+    bos_token_id: int = 49406               #   masks with attention_mask and reads only eos_token_id)
     eos_token_id: int = 49407               # <|endoftext|>: the token whose final state is the pooled output
     model_type: ClassVar[str] = "clip_text_model"
+    choices: ClassVar[Mapping[str, Tuple[Any, ...]]] = {"hidden_act": tuple(ACTIVATIONS)}
 
-    def __post_init__(self):
+    def normalize(self) -> None:
         if isinstance(self.eos_token_id, (list, tuple)):
-            if len(self.eos_token_id) != 1:
-                raise ConfigError(f"eos_token_id={list(self.eos_token_id)!r}: pooling needs a single end-of-text id")
+            require(len(self.eos_token_id) == 1,
+                    f"eos_token_id={list(self.eos_token_id)!r}: pooling needs a single end-of-text id")
             self.eos_token_id = self.eos_token_id[0]
+
+    def check(self) -> None:
         _check_encoder_config(self)
+        positive(self, "vocab_size", "max_position_embeddings")
 
 
 @dataclass
-class CLIPVisionConfig:
+class CLIPVisionConfig(Config):
     """The vision encoder's hyper-parameters; defaults are openai/clip-vit-base-patch32's."""
     hidden_size: int = 768                  # width d of the residual stream
     intermediate_size: int = 3072           # width of the MLP's hidden layer (4 d)
@@ -106,17 +111,21 @@ class CLIPVisionConfig:
     hidden_act: str = "quick_gelu"          # MLP non-linearity, a key of ACTIVATIONS
     layer_norm_eps: float = 1e-5            # epsilon of every LayerNorm
     model_type: ClassVar[str] = "clip_vision_model"
+    choices: ClassVar[Mapping[str, Tuple[Any, ...]]] = {"hidden_act": tuple(ACTIVATIONS)}
 
-    def __post_init__(self):
+    def normalize(self) -> None:
         for name in ("image_size", "patch_size"):
             value = getattr(self, name)
             if isinstance(value, (list, tuple)):  # config.json may store a square size as [s, s]
-                if len(set(value)) != 1:
-                    raise ConfigError(f"{name}={list(value)!r}: only square sizes are supported")
+                require(len(value) >= 1 and all(v == value[0] for v in value),
+                        f"{name}={list(value)!r}: only square sizes are supported")
                 setattr(self, name, value[0])
-        if self.image_size % self.patch_size != 0:
-            raise ConfigError(f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}")
+
+    def check(self) -> None:
         _check_encoder_config(self)
+        positive(self, "num_channels", "image_size", "patch_size")
+        require(self.image_size % self.patch_size == 0,
+                f"image_size={self.image_size}: not a multiple of patch_size={self.patch_size}")
 
     @property
     def num_patches(self) -> int:
@@ -124,7 +133,7 @@ class CLIPVisionConfig:
 
 
 @dataclass
-class CLIPConfig:
+class CLIPConfig(Config):
     """Both towers plus the joint space; nested exactly as a transformers CLIPModel's config.json."""
     text_config: CLIPTextConfig = field(default_factory=CLIPTextConfig)
     vision_config: CLIPVisionConfig = field(default_factory=CLIPVisionConfig)
@@ -132,11 +141,10 @@ class CLIPConfig:
     logit_scale_init_value: float = 2.6592  # initial t = log(1 / 0.07): CLIP's initial temperature 0.07
     model_type: ClassVar[str] = "clip"
 
-    def __post_init__(self):
-        if isinstance(self.text_config, dict):
-            self.text_config = CLIPTextConfig(**self.text_config)
-        if isinstance(self.vision_config, dict):
-            self.vision_config = CLIPVisionConfig(**self.vision_config)
+    def check(self) -> None:
+        positive(self, "projection_dim")
+        require(math.isfinite(self.logit_scale_init_value),
+                f"logit_scale_init_value={self.logit_scale_init_value}: must be finite")
 
 
 # ----------------------------------------------------------------------------------------------- outputs

@@ -40,7 +40,34 @@ from typing import Optional, Sequence, Tuple
 
 import torch
 
+from ..configuration import ConfigError
+
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
+# The longest schedule a config or checkpoint may declare: 100x Stable Diffusion's T = 1000. Every
+# per-timestep table (beta, alpha_bar, sigma) is T long, so T bounds the memory a schedule can claim.
+MAX_TRAIN_TIMESTEPS = 100_000
+
+
+def check_betas(betas: torch.Tensor, name: str = "trained_betas") -> None:
+    """ConfigError unless `betas` is a schedule: 1-D, 2 .. MAX_TRAIN_TIMESTEPS values, each finite and in (0, 1).
+
+    Rank and length are read before any value, so a huge (e.g. stride-0 expanded)
+    tensor is refused without being copied. beta_t in (0, 1) keeps every alpha_t
+    = 1 - beta_t in (0, 1), hence alpha_bar_t > 0 and every sigma_t finite.
+    """
+    if not torch.is_tensor(betas):
+        raise ConfigError(f"{name}: expected a tensor, got {type(betas).__name__}")
+    if betas.ndim != 1:
+        raise ConfigError(f"{name}: expected one value per timestep (1-D), got shape {tuple(betas.shape)}")
+    if not 2 <= betas.numel() <= MAX_TRAIN_TIMESTEPS:
+        raise ConfigError(f"{name}: {betas.numel()} timesteps; expected 2 to {MAX_TRAIN_TIMESTEPS:,}")
+    if not betas.is_floating_point():
+        raise ConfigError(f"{name}: expected floating-point values, got {betas.dtype}")
+    values = betas.double()
+    bad = ~(torch.isfinite(values) & (values > 0) & (values < 1))
+    if bad.any():
+        t = int(bad.nonzero()[0])
+        raise ConfigError(f"{name}[{t}]={values[t].item()!r}: every beta_t must be a finite number in (0, 1)")
 
 
 def linear_betas(num_train_timesteps: int, beta_start: float = 1e-4, beta_end: float = 0.02,

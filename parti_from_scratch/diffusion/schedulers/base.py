@@ -29,11 +29,12 @@ from typing import Any, ClassVar, Dict, Iterator, List, Mapping, Optional, Tuple
 
 import torch
 
-from ...configuration import PathLike, config_from_dict, config_to_dict, read_json
+from ...configuration import (Config, ConfigError, PathLike, config_from_dict, config_to_dict, positive, read_json,
+                              require)
 from ...outputs import ModelOutput
 from ..process import dynamic_threshold, expand_to, q_sample, signal_noise_scales, velocity
-from ..schedule import (BETA_SCHEDULES, alpha_bar_from_betas, alphas_from_betas, make_betas,
-                        sigma_from_alpha_bar)
+from ..schedule import (BETA_SCHEDULES, MAX_TRAIN_TIMESTEPS, alpha_bar_from_betas, alphas_from_betas,
+                        check_betas, make_betas, sigma_from_alpha_bar)
 
 SCHEDULER_CONFIG_NAME = "scheduler_config.json"
 TIMESTEP_SPACINGS = ("leading", "trailing", "linspace")
@@ -41,7 +42,7 @@ Timestep = Union[int, float, torch.Tensor]
 
 
 @dataclass
-class SchedulerConfig:
+class SchedulerConfig(Config):
     """The keys every scheduler reads (diffusers scheduler_config.json names)."""
     num_train_timesteps: int = 1000                  # T, the length of the training schedule
     beta_start: float = 0.0001                       # beta_1
@@ -53,26 +54,26 @@ class SchedulerConfig:
     steps_offset: int = 0                            # added to "leading" timesteps (1 for Stable Diffusion)
 
     # allowed values of the string-valued keys
-    choices: ClassVar[Dict[str, Tuple[Any, ...]]] = {
+    choices: ClassVar[Mapping[str, Tuple[Any, ...]]] = {
         "beta_schedule": BETA_SCHEDULES,
         "prediction_type": ("epsilon", "v_prediction", "sample"),
         "timestep_spacing": TIMESTEP_SPACINGS,
     }
-    # keys of the reference class that we do not implement -> the one value that means "off"
-    unsupported: ClassVar[Dict[str, Any]] = {}
 
-    def __post_init__(self):
-        for name, allowed in self.choices.items():
-            value = getattr(self, name)
-            if value not in allowed:
-                raise ValueError(f"{name}={value!r} is not supported; choose one of {allowed}")
-        if not isinstance(self.num_train_timesteps, int) or self.num_train_timesteps < 2:
-            raise ValueError(f"num_train_timesteps must be an integer >= 2, got {self.num_train_timesteps!r}")
+    def check(self) -> None:
+        T = self.num_train_timesteps
+        require(2 <= T <= MAX_TRAIN_TIMESTEPS,
+                f"num_train_timesteps={T}: must be an integer from 2 to {MAX_TRAIN_TIMESTEPS:,}")
         if self.trained_betas is not None:
-            self.trained_betas = tuple(float(b) for b in self.trained_betas)
-            if len(self.trained_betas) != self.num_train_timesteps:
-                raise ValueError(f"trained_betas has {len(self.trained_betas)} values, "
-                                 f"num_train_timesteps={self.num_train_timesteps}")
+            require(len(self.trained_betas) == T, f"trained_betas has {len(self.trained_betas)} values, "
+                                                  f"num_train_timesteps={T}")
+            check_betas(torch.tensor(self.trained_betas, dtype=torch.float64))
+        elif self.beta_schedule in ("linear", "scaled_linear"):
+            # every beta_t lies between beta_start and beta_end, so both ends in (0, 1) keep all of them there
+            require(0 < self.beta_start < 1, f"beta_start={self.beta_start}: must be in (0, 1)")
+            require(0 < self.beta_end < 1, f"beta_end={self.beta_end}: must be in (0, 1)")
+            require(self.beta_start <= self.beta_end,
+                    f"beta_end={self.beta_end} < beta_start={self.beta_start}: the noise must grow with t")
 
     # Besides its fields a config remembers which keys were given (the rest are this class's defaults) and
     # the keys it does not use, carried over from the config it was built from. Converting to another
@@ -133,12 +134,22 @@ class ThresholdingConfig(SchedulerConfig):
     dynamic_thresholding_ratio: float = 0.995        # the quantile of |x0| used as the threshold s
     sample_max_value: float = 1.0                    # the largest s
 
+    def check(self) -> None:
+        super().check()
+        require(0 < self.dynamic_thresholding_ratio <= 1,
+                f"dynamic_thresholding_ratio={self.dynamic_thresholding_ratio}: must be in (0, 1]")
+        positive(self, "sample_max_value")
+
 
 @dataclass
 class ClippingConfig(ThresholdingConfig):
     """Static clipping of x0_theta to [-clip_sample_range, clip_sample_range] (pixel-space DDPM/DDIM)."""
     clip_sample: bool = True
     clip_sample_range: float = 1.0
+
+    def check(self) -> None:
+        super().check()
+        positive(self, "clip_sample_range")
 
 
 @dataclass
@@ -193,12 +204,11 @@ class DiffusionScheduler:
 
     def __init__(self, **config: Any):
         names = {f.name for f in dataclasses.fields(self.config_class)}
-        unknown = sorted(set(config) - names - set(self.config_class.unsupported))
+        unknown = sorted(set(config) - names - set(self.config_class.refused))
         if unknown:
             raise TypeError(f"{type(self).__name__}: unexpected config keys {unknown}; known keys: {sorted(names)} "
                             f"(from_config ignores unknown keys)")
-        self.config = config_from_dict(self.config_class, config, source=type(self).__name__,
-                                       unsupported=self.config_class.unsupported)
+        self.config = config_from_dict(self.config_class, config, source=type(self).__name__)
         self.config._given = frozenset(k for k in config if k in names)
         c = self.config
         self.betas = make_betas(c.beta_schedule, c.num_train_timesteps, c.beta_start, c.beta_end, c.trained_betas,
@@ -230,7 +240,7 @@ class DiffusionScheduler:
         # null for a key whose default is not None means "not set" (a DPM-Solver config's variance_type: null
         # handed to DDPM keeps DDPM's own default, as diffusers' DDPM treats it like fixed_small)
         values = {k: v for k, v in values.items() if v is not None or cls._default_is_none(k)}
-        names = {f.name for f in dataclasses.fields(cls.config_class)} | set(cls.config_class.unsupported)
+        names = {f.name for f in dataclasses.fields(cls.config_class)} | set(cls.config_class.refused)
         scheduler = cls(**{k: v for k, v in values.items() if k in names})
         scheduler.config._carried = {k: v for k, v in values.items() if k not in names and not k.startswith("_")}
         return scheduler
@@ -246,15 +256,17 @@ class DiffusionScheduler:
     def from_pretrained(cls, path: PathLike, subfolder: Optional[str] = None) -> "DiffusionScheduler":
         """Read `path[/subfolder]/scheduler_config.json`; a pipeline folder's "scheduler" subfolder is found."""
         path = Path(path)
-        if path.is_file():
-            return cls.from_config(read_json(path))
         folder = path / subfolder if subfolder else path
         if subfolder is None and not (folder / SCHEDULER_CONFIG_NAME).is_file() \
                 and (path / "scheduler" / SCHEDULER_CONFIG_NAME).is_file():
             folder = path / "scheduler"
-        if not folder.is_dir():
+        if not path.is_file() and not folder.is_dir():
             raise FileNotFoundError(f"{folder}: no such folder")
-        return cls.from_config(read_json(folder / SCHEDULER_CONFIG_NAME))
+        file = path if path.is_file() else folder / SCHEDULER_CONFIG_NAME
+        try:
+            return cls.from_config(read_json(file))
+        except ConfigError as e:
+            raise ConfigError(e if str(e).startswith(str(file)) else f"{file}: {e}") from None
 
     def save_pretrained(self, folder: PathLike) -> Path:
         """Write `folder/scheduler_config.json`, with `_class_name` naming the matching diffusers class."""

@@ -32,6 +32,7 @@ from typing import ClassVar, List, Optional
 
 import torch
 
+from ...configuration import Refused, require
 from ..process import predict_eps, predict_x0, randn
 from ..schedule import alpha_sigma_from_sigma, karras_sigmas, log_snr
 from .base import SigmaScheduler, SchedulerOutput, ThresholdingConfig, Timestep, interp_sigmas, sigma_to_t
@@ -56,22 +57,29 @@ class DPMSolverConfig(ThresholdingConfig):
     choices: ClassVar[dict] = {**ThresholdingConfig.choices, "solver_order": (1, 2, 3),
                                "algorithm_type": ALGORITHM_TYPES, "solver_type": ("midpoint", "heun"),
                                "final_sigmas_type": ("zero", "sigma_min")}
-    unsupported: ClassVar[dict] = {"use_exponential_sigmas": False, "use_beta_sigmas": False,
-                                   "use_lu_lambdas": False, "use_flow_sigmas": False, "use_dynamic_shifting": False}
+    refused: ClassVar[dict] = {
+        "use_exponential_sigmas": Refused((False,), "exponentially spaced sigmas"),
+        "use_beta_sigmas": Refused((False,), "beta-distribution spaced sigmas"),
+        "use_lu_lambdas": Refused((False,), "log-SNR spaced timesteps"),
+        "use_flow_sigmas": Refused((False,), "flow-matching sigmas"),
+        "use_dynamic_shifting": Refused((False,), "resolution-dependent timestep shifting"),
+    }
 
-    def __post_init__(self):
+    def normalize(self) -> None:
         # configs written for DEIS / UniPC name their own variants; these map to the nearest DPM-Solver++ setting
         if self.algorithm_type == "deis":
             self.algorithm_type = "dpmsolver++"
         if self.solver_type in ("logrho", "bh1", "bh2"):
             self.solver_type = "midpoint"
-        super().__post_init__()
-        if self.variance_type in ("learned", "learned_range"):
-            raise ValueError(f"variance_type={self.variance_type!r} (a network that also predicts its variance) is "
-                             f"not supported by DPMSolverMultistepScheduler; use None")
-        if self.algorithm_type == "dpmsolver" and self.final_sigmas_type == "zero":
-            raise ValueError("final_sigmas_type='zero' needs a data-prediction solver (algorithm_type 'dpmsolver++' "
-                             "or 'sde-dpmsolver++'); use final_sigmas_type='sigma_min' with 'dpmsolver'")
+
+    def check(self) -> None:
+        super().check()
+        require(self.variance_type not in ("learned", "learned_range"),
+                f"variance_type={self.variance_type!r} (a network that also predicts its variance) is "
+                f"not supported by DPMSolverMultistepScheduler; use None")
+        require(not (self.algorithm_type == "dpmsolver" and self.final_sigmas_type == "zero"),
+                "final_sigmas_type='zero' needs a data-prediction solver (algorithm_type 'dpmsolver++' "
+                "or 'sde-dpmsolver++'); use final_sigmas_type='sigma_min' with 'dpmsolver'")
 
 
 class DPMSolverMultistepScheduler(SigmaScheduler):

@@ -24,6 +24,7 @@ from typing import ClassVar, Optional
 
 import torch
 
+from ...configuration import Refused, positive
 from ..process import randn
 from ..schedule import karras_sigmas
 from .base import SchedulerConfig, SchedulerOutput, SigmaScheduler, Timestep, interp_sigmas, sigma_to_t
@@ -41,8 +42,15 @@ class EulerConfig(SchedulerConfig):
 
     choices: ClassVar[dict] = {**SchedulerConfig.choices, "interpolation_type": ("linear", "log_linear"),
                                "final_sigmas_type": ("zero", "sigma_min")}
-    unsupported: ClassVar[dict] = {"use_exponential_sigmas": False, "use_beta_sigmas": False,
-                                   "timestep_type": "discrete"}
+    refused: ClassVar[dict] = {
+        "use_exponential_sigmas": Refused((False,), "exponentially spaced sigmas"),
+        "use_beta_sigmas": Refused((False,), "beta-distribution spaced sigmas"),
+        "timestep_type": Refused(("discrete",), "continuous (EDM) timesteps"),
+    }
+
+    def check(self) -> None:
+        super().check()
+        positive(self, "sigma_min", "sigma_max")
 
 
 class EulerDiscreteScheduler(SigmaScheduler):

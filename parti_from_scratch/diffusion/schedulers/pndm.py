@@ -34,6 +34,7 @@ from typing import ClassVar, List, Optional
 
 import torch
 
+from ...configuration import Refused
 from ..process import predict_eps, signal_noise_scales
 from .base import DiffusionScheduler, SchedulerConfig, SchedulerOutput, Timestep
 
@@ -44,7 +45,7 @@ class PNDMConfig(SchedulerConfig):
     set_alpha_to_one: bool = False                   # alpha_bar before the first training step: 1, or else alpha_bar_0
 
     choices: ClassVar[dict] = {**SchedulerConfig.choices, "prediction_type": ("epsilon", "v_prediction")}
-    unsupported: ClassVar[dict] = {"rescale_betas_zero_snr": False}
+    refused: ClassVar[dict] = {"rescale_betas_zero_snr": Refused((False,), "a zero-terminal-SNR schedule")}
 
 
 class PNDMScheduler(DiffusionScheduler):
