@@ -92,11 +92,13 @@ def _history_close(ddp: list, single: list) -> None:
     for a, b in zip(ddp, single):
         for k in b:
             if k != "step_time":
+                # loss, grad-norm and noise means drift <= 1.6e-7 relative (absolute <= 2.8e-7) from a float64 run
+                # (measured 3.0e-7 apart): rel 1e-5 >= 30x; abs 1e-6 only for values below 0.1
                 assert a[k] == pytest.approx(b[k], rel=1e-5, abs=1e-6), (a["step"], k)
 
 
 def test_two_processes_match_one_process(tmp_path):
-    """Weights, EMA weights and logged loss/grad-norm of 2 gloo processes equal 1 process's within 1e-5."""
+    """Weights, EMA weights and logged loss/grad-norm of 2 gloo processes equal 1 process's to float32 drift."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": _loopback_interface(),
            "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
     command = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--nproc_per_node=2",
@@ -111,7 +113,8 @@ def test_two_processes_match_one_process(tmp_path):
             ddp_ema = load_weights(tmp_path / "ddp" / f"{name}-ema-rank{rank}.safetensors", toy_model())
             for what, a, b in (("model", ddp_model, single.model), ("ema", ddp_ema, single.ema_model)):
                 for (key, p), q in zip(a.state_dict().items(), b.state_dict().values()):
-                    torch.testing.assert_close(p, q, rtol=0, atol=1e-5, msg=f"{name} rank {rank} {what} {key}")
+                    # 12 AdamW steps in float32 drift <= 1.5e-7 from float64 (measured 6e-8 apart): 2e-6 >= 10x
+                    torch.testing.assert_close(p, q, rtol=0, atol=2e-6, msg=f"{name} rank {rank} {what} {key}")
         written = load_checkpoint(checkpoint_path(tmp_path / "ddp" / name, 12), toy_model())
         _history_close(written.history, single.history)
         # only rank 0 wrote the run's files
