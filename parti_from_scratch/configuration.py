@@ -243,3 +243,20 @@ def require(condition: bool, message: str) -> None:
     """ConfigError(message) unless `condition`."""
     if not condition:
         raise ConfigError(message)
+
+
+def check_levels(config: Any) -> int:
+    """The number of levels n = len(block_out_channels) >= 1, with one down and one up block type per level."""
+    n = len(config.block_out_channels)
+    require(n >= 1, "block_out_channels=(): needs at least one level")
+    for key in ("down_block_types", "up_block_types"):
+        require(len(getattr(config, key)) == n, f"{key} has {len(getattr(config, key))} entries, "
+                                                f"block_out_channels has {n}")
+    return n
+
+
+def check_groups_divide_widths(config: Any) -> None:
+    """GroupNorm splits each level's channels into norm_num_groups groups: every width must be a multiple."""
+    for c in config.block_out_channels:
+        require(c % config.norm_num_groups == 0, f"norm_num_groups={config.norm_num_groups} does not divide "
+                                                 f"block_out_channels entry {c}")

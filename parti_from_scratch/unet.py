@@ -38,7 +38,8 @@ from typing import Any, ClassVar, List, Mapping, Optional, Sequence, Tuple, Unio
 import torch
 from torch import nn
 
-from parti_from_scratch.configuration import Config, Refused, config_from_dict, positive, require
+from parti_from_scratch.configuration import (Config, Refused, check_groups_divide_widths, check_levels,
+                                              config_from_dict, positive, require)
 from parti_from_scratch.nn.positional import timestep_embedding
 from parti_from_scratch.nn.resnet import ResnetBlock2D, group_norm_silu
 from parti_from_scratch.nn.transformer_2d import SpatialTransformer
@@ -68,7 +69,6 @@ class UNet2DConditionConfig(Config):
     downsample_padding: int = 1                    # 1: symmetric; 0: pad right/bottom only
     mid_block_scale_factor: float = 1.0            # the mid block's resnets divide their output by it
     dropout: float = 0.0                           # dropout inside the resnets (training only)
-    act_fn: str = "silu"                           # "silu" (= "swish") is the only activation SD uses
     norm_num_groups: int = 32                      # GroupNorm groups
     norm_eps: float = 1e-5                         # GroupNorm epsilon of the resnets and the output norm
     cross_attention_dim: IntOrTuple = 1280         # width of the text states (768 SD 1.x, 1024 SD 2.x)
@@ -82,10 +82,10 @@ class UNet2DConditionConfig(Config):
     conv_out_kernel: int = 3
 
     choices: ClassVar[Mapping[str, Tuple[Any, ...]]] = {
-        "act_fn": ("silu", "swish"), "down_block_types": DOWN_BLOCK_TYPES, "up_block_types": UP_BLOCK_TYPES,
-        "downsample_padding": (0, 1)}
+        "down_block_types": DOWN_BLOCK_TYPES, "up_block_types": UP_BLOCK_TYPES, "downsample_padding": (0, 1)}
     # Keys of diffusers' UNet2DConditionModel that add parts SD 1.x/2.x do not have; only "absent" loads.
     refused: ClassVar[Mapping[str, Refused]] = {
+        "act_fn": Refused(("silu", "swish"), "another non-linearity than SiLU"),
         "mid_block_type": Refused(("UNetMidBlock2DCrossAttn",), "another middle block"),
         "dual_cross_attention": Refused((False, None), "two text encoders' cross-attention"),
         "class_embed_type": Refused((None,), "a class-label embedding added to t_emb"),
@@ -110,11 +110,7 @@ class UNet2DConditionConfig(Config):
     }
 
     def check(self) -> None:
-        n = len(self.block_out_channels)
-        require(n >= 1, "block_out_channels=(): needs at least one level")
-        for key in ("down_block_types", "up_block_types"):
-            require(len(getattr(self, key)) == n, f"{key} has {len(getattr(self, key))} entries, "
-                                                  f"block_out_channels has {n}")
+        n = check_levels(self)
         for key in ("layers_per_block", "cross_attention_dim", "transformer_layers_per_block",
                     "only_cross_attention", "attention_head_dim", "num_attention_heads"):
             if getattr(self, key) is not None:
@@ -131,9 +127,7 @@ class UNet2DConditionConfig(Config):
         half = self.block_out_channels[0] // 2
         require(0 <= self.freq_shift < half, f"freq_shift={self.freq_shift}: must be in [0, {half}) "
                                              f"(half of block_out_channels[0])")
-        for c in self.block_out_channels:
-            require(c % self.norm_num_groups == 0, f"norm_num_groups={self.norm_num_groups} does not divide "
-                                                   f"block_out_channels entry {c}")
+        check_groups_divide_widths(self)
         key = "num_attention_heads" if self.num_attention_heads is not None else "attention_head_dim"
         attention = [t.startswith("CrossAttn") for t in self.down_block_types]
         attention_up = [t.startswith("CrossAttn") for t in reversed(self.up_block_types)]

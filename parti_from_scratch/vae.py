@@ -30,7 +30,8 @@ import torch
 from einops import rearrange
 from torch import nn
 
-from parti_from_scratch.configuration import Config, Refused, config_from_dict, positive, require
+from parti_from_scratch.configuration import (Config, Refused, check_groups_divide_widths, check_levels,
+                                              config_from_dict, positive, require)
 from parti_from_scratch.diffusion.process import randn
 from parti_from_scratch.nn.attention import MultiHeadAttention
 from parti_from_scratch.nn.resnet import ResnetBlock2D, group_norm_silu
@@ -47,7 +48,6 @@ class AutoencoderKLConfig(Config):
     up_block_types: Tuple[str, ...] = ("UpDecoderBlock2D",)
     block_out_channels: Tuple[int, ...] = (64,)   # SD: (128, 256, 512, 512), so latents are 8x smaller per side
     layers_per_block: int = 1                  # resnets per encoder level (decoder levels have one more); SD: 2
-    act_fn: str = "silu"
     latent_channels: int = 4                   # channels of z
     norm_num_groups: int = 32
     sample_size: Union[int, Tuple[int, ...]] = 32    # image size it was trained at
@@ -57,27 +57,22 @@ class AutoencoderKLConfig(Config):
     mid_block_add_attention: bool = True       # self-attention in the mid blocks
 
     choices: ClassVar[Mapping[str, Tuple[Any, ...]]] = {
-        "act_fn": ("silu", "swish"), "down_block_types": ("DownEncoderBlock2D",),
+        "down_block_types": ("DownEncoderBlock2D",),
         "up_block_types": ("UpDecoderBlock2D",)}
-    # Keys of diffusers' AutoencoderKL that change the latent space the pipeline would have to use.
+    # Keys of diffusers' AutoencoderKL that select what we do not build: another activation, another latent space.
     refused: ClassVar[Mapping[str, Refused]] = {
+        "act_fn": Refused(("silu", "swish"), "another non-linearity than SiLU"),
         "shift_factor": Refused((None,), "latents shifted as (z - shift_factor) * scaling_factor"),
         "latents_mean": Refused((None,), "latents normalised per channel"),
         "latents_std": Refused((None,), "latents normalised per channel"),
     }
 
     def check(self) -> None:
-        n = len(self.block_out_channels)
-        require(n >= 1, "block_out_channels=(): needs at least one level")
-        for key in ("down_block_types", "up_block_types"):
-            require(len(getattr(self, key)) == n, f"{key} has {len(getattr(self, key))} entries, "
-                                                  f"block_out_channels has {n}")
+        check_levels(self)
         positive(self, "in_channels", "out_channels", "block_out_channels", "layers_per_block", "latent_channels",
                  "norm_num_groups", "sample_size", "scaling_factor")
         require(math.isfinite(self.scaling_factor), f"scaling_factor={self.scaling_factor}: must be finite")
-        for c in self.block_out_channels:
-            require(c % self.norm_num_groups == 0, f"norm_num_groups={self.norm_num_groups} does not divide "
-                                                   f"block_out_channels entry {c}")
+        check_groups_divide_widths(self)
 
 
 class DiagonalGaussianDistribution:

@@ -6,6 +6,7 @@ prints as one line) whose message starts with the file's path and names the key.
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import json
 import math
 import re
@@ -164,6 +165,24 @@ def test_every_refused_key_names_itself_and_accepts_its_absent_value(cls, tmp_pa
             cls.from_dict({**base, key: bad}, source="model/config.json")
         for value in rule.accepted:
             cls.from_dict({**base, key: value})
+
+
+# Fields read only through a property of the config class itself.
+READ_INDIRECTLY = {"attention_head_dim": "UNet2DConditionConfig.heads, which the model reads"}
+
+
+@pytest.mark.parametrize("cls", [UNet2DConditionConfig, AutoencoderKLConfig, CLIPTextConfig, CLIPVisionConfig],
+                         ids=lambda c: c.__name__)
+def test_every_field_is_read_by_the_package(cls):
+    """A field exists because something uses it: `config.<field>` (or per_block("<field>")) appears in the
+    package outside the config class itself; keys kept only to be refused belong in `refused`."""
+    root = Path(__file__).resolve().parents[1]
+    source = "\n".join(p.read_text(encoding="utf-8") for folder in ("parti_from_scratch", "weights_convert")
+                       for p in sorted((root / folder).rglob("*.py")))
+    source = source.replace(inspect.getsource(cls), "")
+    unread = [name for name in field_types(cls) if name not in READ_INDIRECTLY
+              and not re.search(rf"\bconfig\.{name}\b|per_block\([\"']{name}[\"']\)", source)]
+    assert not unread
 
 
 def test_bookkeeping_keys_are_ignored_and_python_keywords_are_strict():
