@@ -163,9 +163,12 @@ def test_straight_through_gradient_reaches_the_encoder():
     assert model.quantize.embedding.weight.grad.abs().sum() > 0
 
 
-def test_spatial_norm_is_refused_naming_the_key():
-    with pytest.raises(ConfigError, match="norm_type='spatial' is not supported"):
-        VQModelConfig(norm_type="spatial")
+def test_spatial_norm_and_other_unbuilt_keys_are_refused_naming_the_key():
+    with pytest.raises(ConfigError, match=r"vqvae/config.json: norm_type='spatial' is not supported \(MoVQ"):
+        VQModelConfig.from_dict({"norm_type": "spatial"}, source="vqvae/config.json")
+    with pytest.raises(ConfigError, match=r"act_fn='gelu' is not supported"):
+        VQModel(act_fn="gelu")
+    VQModelConfig.from_dict({"norm_type": "group", "act_fn": "silu"})  # what every supported file says
     with pytest.raises(ConfigError, match="down_block_types"):
         VQModelConfig(down_block_types=("DownBlock2D",))
     with pytest.raises(ConfigError, match="up_block_types has 1 entries"):
@@ -175,14 +178,17 @@ def test_spatial_norm_is_refused_naming_the_key():
 
 
 def test_config_keys_are_diffusers_vqmodel_keys():
-    """Every field is a VQModel.__init__ argument (so config.json is read as it is) and the defaults agree."""
+    """Every field and refused key is a VQModel.__init__ argument (config.json is read as it is), every argument
+    is one of them, and the defaults agree."""
     import inspect
-    params = inspect.signature(diffusers.VQModel.__init__).parameters
+    params = {k: v for k, v in inspect.signature(diffusers.VQModel.__init__).parameters.items() if k != "self"}
     ours = VQModelConfig()
+    assert set(params) == set(vars(ours)) | set(VQModelConfig.refused)
     for name, value in vars(ours).items():
-        assert name in params, name
         default = params[name].default
         assert (tuple(default) if isinstance(default, (list, tuple)) else default) == value, name
+    for name, rule in VQModelConfig.refused.items():
+        assert params[name].default in rule.accepted, name
 
 
 def test_decoder_only_model_refuses_to_encode():

@@ -24,7 +24,7 @@ Images are in [-1, 1].
 
 Not built: MoVQ's spatially conditioned normalisation (norm_type "spatial",
 Kandinsky's `movq`): a config asking for it is refused with a ConfigError
-naming the key.
+naming the file and the key (the `refused` table; act_fn other than SiLU likewise).
 """
 from __future__ import annotations
 
@@ -35,7 +35,8 @@ from typing import Any, ClassVar, Mapping, Optional, Tuple, Union
 import torch
 from torch import nn
 
-from parti_from_scratch.configuration import Config, config_from_dict, positive, require
+from parti_from_scratch.configuration import (Config, Refused, check_groups_divide_widths, check_levels,
+                                              config_from_dict, positive)
 from parti_from_scratch.nn.autoencoder import ConvDecoder, ConvEncoder
 from parti_from_scratch.outputs import ModelOutput
 from parti_from_scratch.parti.quantize import VectorQuantizer, VectorQuantizerConfig
@@ -54,35 +55,28 @@ class VQModelConfig(Config):
     up_block_types: Tuple[str, ...] = ("UpDecoderBlock2D",)       # per decoder level, deepest first
     block_out_channels: Tuple[int, ...] = (64,)  # widths per level; L levels downsample by 2^(L-1)
     layers_per_block: int = 1                   # resnets per encoder level (decoder levels have one more)
-    act_fn: str = "silu"
     latent_channels: int = 3                    # channels of the encoder/decoder ends (taming's z_channels)
     sample_size: int = 32                       # image size it was trained at
     num_vq_embeddings: int = 256                # K, codebook size (taming's n_embed)
     norm_num_groups: int = 32
     vq_embed_dim: Optional[int] = None          # width of the codes (taming's embed_dim); None = latent_channels
     scaling_factor: float = 0.18215             # for latent diffusion on VQ latents; unused by the tokenizer
-    norm_type: str = "group"                    # "group" only; MoVQ's "spatial" is refused
     mid_block_add_attention: bool = True        # self-attention in the mid blocks
     lookup_from_codebook: bool = False          # decode(..., force_not_quantize=True) reads indices (aMUSEd)
     force_upcast: bool = False                  # pipelines should run this model in float32
 
-    choices: ClassVar[Mapping[str, Tuple[Any, ...]]] = {
-        "act_fn": ("silu", "swish"), "down_block_types": DOWN_BLOCKS, "up_block_types": UP_BLOCKS}
+    choices: ClassVar[Mapping[str, Tuple[Any, ...]]] = {"down_block_types": DOWN_BLOCKS, "up_block_types": UP_BLOCKS}
+    # Keys of diffusers' VQModel that select what we do not build (read from config.json, never fields).
+    refused: ClassVar[Mapping[str, Refused]] = {
+        "act_fn": Refused(("silu", "swish"), "another non-linearity than SiLU"),
+        "norm_type": Refused(("group",), "MoVQ's spatially conditioned GroupNorm, Kandinsky's movq"),
+    }
 
     def check(self) -> None:
-        require(self.norm_type == "group",
-                f"norm_type={self.norm_type!r} is not supported (MoVQ's spatially conditioned GroupNorm, "
-                f"Kandinsky's movq; only \"group\" loads)")
-        n = len(self.block_out_channels)
-        require(n >= 1, "block_out_channels=(): needs at least one level")
-        for key in ("down_block_types", "up_block_types"):
-            require(len(getattr(self, key)) == n, f"{key} has {len(getattr(self, key))} entries, "
-                                                  f"block_out_channels has {n}")
+        check_levels(self)
         positive(self, "in_channels", "out_channels", "block_out_channels", "layers_per_block", "latent_channels",
                  "sample_size", "num_vq_embeddings", "norm_num_groups", "vq_embed_dim")
-        for c in self.block_out_channels:
-            require(c % self.norm_num_groups == 0, f"norm_num_groups={self.norm_num_groups} does not divide "
-                                                   f"block_out_channels entry {c}")
+        check_groups_divide_widths(self)
 
     @property
     def code_dim(self) -> int:
