@@ -21,7 +21,10 @@ from parti_from_scratch.vae import AutoencoderKL
 from weights_convert.common import CheckpointError, build_on_meta, load_into
 from weights_convert.diffusers_models import (LEGACY_VAE_ATTENTION, UNET_CONV_PROJECTIONS, from_diffusers,
                                               to_diffusers)
+from tolerances import VAE_DECODED
 
+# fp32 parity (tests/tolerances.py FP32_PARITY): the UNet drifts <= 8.2e-7 from float64, the VAE's posterior
+# <= 8.1e-7 (ours <= 5.8e-7); the VAE comparisons include the decoder, so they use VAE_DECODED
 TOL = 1e-5
 WEIGHTS = "diffusion_pytorch_model.safetensors"
 
@@ -82,7 +85,7 @@ def test_legacy_vae_attention_names_load_and_match(vae_folder, tmp_path):
     src, ref = vae_folder
     folder = copy_folder(src, tmp_path / "legacy", edit_state=to_legacy_attention_names)
     assert any(".proj_attn." in k for k in load_file(str(folder / WEIGHTS)))
-    assert max_vae_diff(AutoencoderKL.from_pretrained(folder), ref, 32) <= TOL
+    assert max_vae_diff(AutoencoderKL.from_pretrained(folder), ref, 32) <= VAE_DECODED
 
 
 def test_vae_attention_stored_as_1x1_convolutions_loads_and_matches(vae_folder, tmp_path):
@@ -92,7 +95,7 @@ def test_vae_attention_stored_as_1x1_convolutions_loads_and_matches(vae_folder, 
     src, ref = vae_folder
     folder = copy_folder(src, tmp_path / "conv", edit_state=lambda s: to_legacy_attention_names(as_conv(s)))
     assert load_file(str(folder / WEIGHTS))["encoder.mid_block.attentions.0.query.weight"].ndim == 4
-    assert max_vae_diff(AutoencoderKL.from_pretrained(folder), ref, 32) <= TOL
+    assert max_vae_diff(AutoencoderKL.from_pretrained(folder), ref, 32) <= VAE_DECODED
 
 
 def test_unet_projections_in_either_shape_load_and_match(unet_folder, tmp_path):
@@ -123,7 +126,7 @@ def test_rules_round_trip_every_key_and_shape(unet_folder):
 def test_bin_weights_load(vae_folder, tmp_path):
     src, ref = vae_folder
     folder = copy_folder(src, tmp_path / "bin", weights_name="diffusion_pytorch_model.bin")
-    assert max_vae_diff(AutoencoderKL.from_pretrained(folder), ref, 32) <= TOL
+    assert max_vae_diff(AutoencoderKL.from_pretrained(folder), ref, 32) <= VAE_DECODED
 
 
 def test_dtype_argument(vae_folder):
