@@ -29,16 +29,21 @@ shipped model, 50 and 7.5 for Stable Diffusion).
 """
 from __future__ import annotations
 
+import contextlib
 import inspect
 import math
 import numbers
+import os
+import re
+import sys
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, List, Optional, Sequence, Union
+from typing import Any, Callable, List, Optional, Sequence, Union
 
 import numpy as np
 import torch
+import torch.utils._contextlib
 from tqdm.auto import tqdm
 
 from parti_from_scratch.diffusion.process import randn
@@ -60,6 +65,36 @@ class TextToImagePipelineOutput(ModelOutput):
 
 class NonFiniteLatentsError(FloatingPointError):
     """Sampling produced NaN or infinite values (broken weights, or a guidance scale far too large)."""
+
+
+# frames a warning must not point at: this package's own files and the wrappers that decorators
+# such as torch.no_grad put between a caller and the function it called
+_PACKAGE_DIR = str(Path(__file__).resolve().parent) + os.sep
+_WRAPPER_FILES = {os.path.realpath(m.__file__) for m in (contextlib, torch.utils._contextlib)}
+
+
+def warn_at_caller(message: str, category: type = UserWarning) -> None:
+    """warnings.warn(message) attributed to the first frame outside this package (the caller's own line).
+
+    A fixed `stacklevel` breaks as soon as a decorator (torch.no_grad wraps `__call__`) or
+    another of the package's functions stands between the caller and the warning, so the
+    level is counted here by walking up the stack.
+    """
+    frame, level = sys._getframe(1), 2          # level 2 = warn_at_caller's caller
+    while frame.f_back is not None and (frame.f_code.co_filename.startswith(_PACKAGE_DIR)
+                                        or os.path.realpath(frame.f_code.co_filename) in _WRAPPER_FILES):
+        frame, level = frame.f_back, level + 1
+    warnings.warn(message, category, stacklevel=level)
+
+
+# what separates the words of a prompt: white space and ASCII punctuation; anything else (digits,
+# accented letters, CJK characters, emoji) belongs to a word and is checked against the vocabulary
+_WORD_SEPARATORS = re.compile(r"[\s!-/:-@\[-`{-~]+")
+
+
+def prompt_words(text: str) -> List[str]:
+    """The lower-cased words of a prompt in order: "一个红色的大圆, on the LEFT" -> ["一个红色的大圆", "on", "the", "left"]."""
+    return [w for w in _WORD_SEPARATORS.split(text.lower()) if w]
 
 
 def _as_list(prompt: PromptType, name: str = "prompt") -> List[str]:
@@ -172,6 +207,32 @@ def postprocess_image(x: torch.Tensor, output_type: str = "pil"):
     return [Image.fromarray((a * 255).round().astype("uint8")) for a in arr]
 
 
+# diffusers' pipeline methods this pipeline deliberately leaves out, and what to do instead
+_ATTENTION = ("attention already runs through torch.nn.functional.scaled_dot_product_attention, which picks a "
+              "memory-efficient kernel by itself; to use less memory, generate fewer images per call")
+_OFFLOAD = ("the models stay where pipe.to(device) puts them; move single components yourself, e.g. "
+            "pipe.text_encoder.to('cpu') after encoding, since every component is an attribute")
+_FREEU = "FreeU (re-weighting the UNet's skip connections) is not offered: the UNet always runs as trained"
+NOT_OFFERED = {
+    "enable_attention_slicing": _ATTENTION, "disable_attention_slicing": _ATTENTION,
+    "enable_xformers_memory_efficient_attention": _ATTENTION, "disable_xformers_memory_efficient_attention": _ATTENTION,
+    "enable_model_cpu_offload": _OFFLOAD, "enable_sequential_cpu_offload": _OFFLOAD, "enable_group_offload": _OFFLOAD,
+    "load_lora_weights": "LoRA adapters are not supported; load merged weights with from_pretrained",
+    "load_textual_inversion": "textual inversion is not supported; pass prompt_embeds you computed instead",
+    "load_ip_adapter": "IP-adapter image conditioning is not supported; image-to-image takes `image=`",
+    "enable_freeu": _FREEU, "disable_freeu": _FREEU,
+    "fuse_qkv_projections": _ATTENTION,
+    "progress_bar": "the sampling bar is tqdm, set up with pipe.set_progress_bar_config(...) or progress=False",
+}
+
+
+def _one_of(name: str, first, second):
+    """`first` or `second`, whichever is given; both given and different is an error naming `name`."""
+    if first is not None and second is not None and first != second:
+        raise ValueError(f"to(): two different {name}s given: {first} and {second}")
+    return first if first is not None else second
+
+
 class TextToImagePipeline:
     """The text-to-image pipeline. Components are attributes so a reader can call them one by one.
 
@@ -181,7 +242,10 @@ class TextToImagePipeline:
     when it names none (read from the model folder's sampling_defaults.json).
     """
 
-    OUTPUT_TYPES = ("pil", "np", "pt")
+    OUTPUT_TYPES = ("pil", "np", "pt", "latent")
+    # what `callback_on_step_end_tensor_inputs` may name (diffusers' meaning: "prompt_embeds" is the
+    # context the UNet attends to, the unconditional half first when guidance is on)
+    CALLBACK_TENSOR_INPUTS = ("latents", "prompt_embeds")
 
     def __init__(self, tokenizer, text_encoder, unet, vae, scheduler, vocabulary: Optional[Sequence[str]] = None,
                  sampling_defaults: Optional[SamplingDefaults] = None):
@@ -195,13 +259,14 @@ class TextToImagePipeline:
         self.vocabulary = set(vocabulary) if vocabulary is not None else None
         self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
         self.sampling_defaults = sampling_defaults if sampling_defaults is not None else SamplingDefaults()
+        self._progress_bar_config: dict = {}
 
     # ------------------------------------------------------------------ loading
     @classmethod
     def from_pretrained(cls, path: Union[str, Path, None] = None, *, version: Optional[str] = None,
-                        prediction_type: Optional[str] = None, dtype: torch.dtype = torch.float32,
-                        vae: Union[str, Path, None] = None,
-                        configs: Optional[dict] = None) -> "TextToImagePipeline":
+                        prediction_type: Optional[str] = None, dtype: Optional[torch.dtype] = None,
+                        vae: Union[str, Path, None] = None, configs: Optional[dict] = None,
+                        torch_dtype: Optional[torch.dtype] = None) -> "TextToImagePipeline":
         """Load a pipeline from a diffusers folder, a single-file checkpoint, or (no path) the shipped model.
 
         path: a folder with `model_index.json` (diffusers layout, what `save_pretrained` writes
@@ -209,6 +274,7 @@ class TextToImagePipeline:
             original CompVis/LDM layout; or None for the package's own small model.
             A folder's `sampling_defaults.json` sets the steps and guidance scale of calls that
             name none; without it (and for single files) they are 50 and 7.5.
+        dtype / torch_dtype (diffusers' name, same meaning): the weights' dtype in memory (default float32).
         version / prediction_type: for single files only ("1" or "2"; "epsilon"/"v_prediction"),
             when they cannot be inferred from the tensors.
         vae: optionally a standalone diffusers VAE folder (e.g. sd-vae-ft-mse) replacing the pipeline's.
@@ -218,7 +284,8 @@ class TextToImagePipeline:
         """
         from weights_convert.pipeline_loader import load_pipeline
         return load_pipeline(cls, DEFAULT_MODEL_DIR if path is None else path, version=version,
-                             prediction_type=prediction_type, dtype=dtype, vae=vae, configs=configs)
+                             prediction_type=prediction_type, dtype=dtype, vae=vae, configs=configs,
+                             torch_dtype=torch_dtype)
 
     def save_pretrained(self, folder: Union[str, Path]) -> None:
         """Write the pipeline as a diffusers folder: model_index.json, one subfolder per component and
@@ -226,10 +293,50 @@ class TextToImagePipeline:
         from weights_convert.pipeline_loader import save_pipeline
         save_pipeline(self, folder)
 
-    def to(self, device: Union[str, torch.device]) -> "TextToImagePipeline":
+    def to(self, *args: Union[str, torch.device, torch.dtype], device: Union[str, torch.device, None] = None,
+           dtype: Optional[torch.dtype] = None, torch_device: Union[str, torch.device, None] = None,
+           torch_dtype: Optional[torch.dtype] = None) -> "TextToImagePipeline":
+        """Move the models to a device and/or dtype, as diffusers' pipelines do:
+        `pipe.to("cuda")`, `pipe.to(torch.float16)`, `pipe.to("cpu", torch.float32)`,
+        `pipe.to(device=..., dtype=...)`; `torch_device` / `torch_dtype` are diffusers' older names for them."""
+        for value in args:
+            if isinstance(value, torch.dtype):
+                dtype = _one_of("dtype", dtype, value)
+            elif isinstance(value, (str, torch.device)):
+                device = _one_of("device", device, value)
+            else:
+                raise TypeError(f"to() takes a device (str or torch.device) and/or a torch.dtype, "
+                                f"got {type(value).__name__}")
+        device = _one_of("device", device, torch_device)
+        dtype = _one_of("dtype", dtype, torch_dtype)
+        if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+            raise TypeError(f"dtype must be a floating-point torch.dtype such as torch.float16, got {dtype!r}")
+        device = torch.device(device) if device is not None else None     # an unknown name fails here, named
         for m in (self.text_encoder, self.unet, self.vae):
-            m.to(device)
+            m.to(device=device, dtype=dtype)
         return self
+
+    @property
+    def components(self) -> dict:
+        """The five models and the scheduler by name: `TextToImagePipeline(**pipe.components)` rebuilds the pipeline."""
+        return {"tokenizer": self.tokenizer, "text_encoder": self.text_encoder, "unet": self.unet,
+                "vae": self.vae, "scheduler": self.scheduler}
+
+    def set_progress_bar_config(self, **kwargs: Any) -> None:
+        """tqdm settings of the sampling bar for the calls that follow, e.g. `disable=True`, `desc="..."`
+        (as in diffusers; `progress=False` in a call also hides it)."""
+        from tqdm.std import tqdm as base_tqdm     # tqdm.auto's class takes *args, **kwargs: read its base's
+        accepted = set(inspect.signature(base_tqdm.__init__).parameters) - {"self", "iterable", "kwargs"}
+        unknown = sorted(set(kwargs) - accepted)
+        if unknown:
+            raise TypeError(f"set_progress_bar_config: tqdm takes no argument(s) {', '.join(unknown)}")
+        self._progress_bar_config = dict(kwargs)
+
+    def __getattr__(self, name: str):
+        # only reached for names the pipeline does not have: diffusers' names we leave out say what to use
+        if name in NOT_OFFERED:
+            raise AttributeError(f"{type(self).__name__} has no {name}(): {NOT_OFFERED[name]}")
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
 
     @property
     def device(self) -> torch.device:
@@ -241,13 +348,19 @@ class TextToImagePipeline:
 
     # ------------------------------------------------------------------ steps
     def warn_unknown_words(self, prompts: Sequence[str]) -> List[str]:
-        """Warn about words the model never saw in training (only for models that declare a vocabulary)."""
+        """Warn about words the model never saw in training (only for models that declare a vocabulary).
+
+        Every run of characters between spaces and ASCII punctuation is a word, so a prompt in
+        another script ("一个红色的大圆在左边") is named whole. Returns the unknown words in order.
+        """
         if self.vocabulary is None:
             return []
-        import re
-        unknown = sorted({w for p in prompts for w in re.findall(r"[a-z]+", p.lower())} - self.vocabulary)
+        unknown = list(dict.fromkeys(w for p in prompts for w in prompt_words(p) if w not in self.vocabulary))
         if unknown:
-            warnings.warn(f"the model never saw these words in training: {', '.join(unknown)}", stacklevel=3)
+            known = sorted(self.vocabulary)
+            listing = f"; it knows only these {len(known)} English words: {' '.join(known)}" if len(known) <= 100 \
+                else ""
+            warn_at_caller(f"the model never saw these words in training: {', '.join(unknown)}{listing}")
         return unknown
 
     @torch.no_grad()
@@ -276,27 +389,41 @@ class TextToImagePipeline:
         return self.unet.config.sample_size * self.vae_scale_factor
 
     @torch.no_grad()
-    def __call__(self, prompt: PromptType, negative_prompt: Optional[PromptType] = None,
+    def __call__(self, prompt: Optional[PromptType] = None, negative_prompt: Optional[PromptType] = None,
                  num_inference_steps: Optional[int] = None, guidance_scale: Optional[float] = None,
                  height: Optional[int] = None, width: Optional[int] = None, generator: GeneratorType = None,
                  latents: Optional[torch.Tensor] = None, num_images_per_prompt: int = 1, output_type: str = "pil",
                  scheduler=None, image: Any = None, strength: float = 0.8, eta: float = 0.0,
-                 clip_skip: Optional[int] = None, progress: bool = True) -> TextToImagePipelineOutput:
+                 clip_skip: Optional[int] = None, progress: bool = True, return_dict: bool = True,
+                 prompt_embeds: Optional[torch.Tensor] = None, negative_prompt_embeds: Optional[torch.Tensor] = None,
+                 callback_on_step_end: Optional[Callable[..., Optional[dict]]] = None,
+                 callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",)
+                 ) -> Union[TextToImagePipelineOutput, tuple]:
         """Generate images for `prompt` (text-to-image), or re-noise and denoise `image` (image-to-image).
 
         num_inference_steps / guidance_scale: None takes the model's own (`self.sampling_defaults`).
         guidance_scale w: classifier-free guidance weight (w <= 1 turns guidance off: one UNet call per step).
         height / width: multiples of `vae_scale_factor` (default: that of `latents` if given, else the UNet's
-            sample size times vae_scale_factor).
+            sample size times vae_scale_factor); a model folder that states its training resolution
+            warns about other sizes.
         generator: one torch.Generator, or a list with one per image (num_prompts * num_images_per_prompt).
         latents: initial noise z_T (before scaling by init_noise_sigma), to reproduce a run exactly.
         image / strength: image-to-image; the image is encoded, noised to the timestep
             `strength` of the way along the schedule, and denoised from there.
         scheduler: a scheduler instance or name ("pndm", "ddim", "euler", "dpm", "ddpm") for this call.
         clip_skip: use the text encoder's states clip_skip layers before the last (0 or None: the last).
+        output_type: "pil", "np" (N, H, W, 3) in [0, 1], "pt" (N, 3, H, W) in [0, 1], or "latent": the final
+            z_0 (N, C, H/f, W/f), not decoded.
+        The diffusers arguments, with diffusers' meaning:
+        return_dict=False returns the tuple `(images,)` instead of the output object.
+        prompt_embeds / negative_prompt_embeds: (n, tokens, d) text states used instead of encoding
+            `prompt` / `negative_prompt` (e.g. from `pipe.encode_prompt`).
+        callback_on_step_end(pipe, i, t, callback_kwargs): called after step i (timestep t) with
+            callback_kwargs = {name: tensor} for the names in `callback_on_step_end_tensor_inputs`
+            ("latents", "prompt_embeds"); a returned dict replaces those tensors for the next steps.
         Raises NonFiniteLatentsError, naming the step, when sampling produces NaN or inf.
         """
-        prompts = _as_list(prompt)
+        prompts = self._prompts(prompt, prompt_embeds)
         scheduler = self._select_scheduler(scheduler)
         if num_inference_steps is None:
             num_inference_steps = self.sampling_defaults.num_inference_steps
@@ -308,25 +435,40 @@ class TextToImagePipeline:
             width = latents.shape[-1] * self.vae_scale_factor if width is None else width
         height = self.default_size() if height is None else height
         width = self.default_size() if width is None else width
-        n_images = len(prompts) * num_images_per_prompt if _is_int(num_images_per_prompt) else None
+        n_prompts = len(prompts) if prompts is not None else _batch_size_of(prompt_embeds, "prompt_embeds")
+        n_images = n_prompts * num_images_per_prompt if _is_int(num_images_per_prompt) else None
         self._check_arguments(height, width, num_inference_steps, guidance_scale, num_images_per_prompt,
                               output_type, strength, image, clip_skip, generator, n_images, scheduler)
-        self.warn_unknown_words(prompts)
+        self._check_callback(callback_on_step_end, callback_on_step_end_tensor_inputs)
+        if prompts is not None:
+            self.warn_unknown_words(prompts)
+        if image is None:
+            self.warn_untrained_size(height, width)
         device, dtype = self.device, self.dtype
 
         # 1-2. text states c for each image; c_empty (or the negative prompt) for guidance
         do_guidance = guidance_scale > 1.0
-        c = self.encode_prompt(prompts, clip_skip).to(dtype).repeat_interleave(num_images_per_prompt, dim=0)
+        c = self._text_states(prompts, prompt_embeds, clip_skip, "prompt_embeds")
         if do_guidance:
-            negatives = [""] * len(prompts) if negative_prompt is None else _as_list(negative_prompt,
-                                                                                     "negative_prompt")
-            if len(negatives) == 1 and len(prompts) > 1:
-                negatives = negatives * len(prompts)
-            if len(negatives) != len(prompts):
-                raise ValueError(f"negative_prompt has {len(negatives)} entries for {len(prompts)} prompts")
-            c_neg = self.encode_prompt(negatives).to(dtype).repeat_interleave(num_images_per_prompt, dim=0)
-            # (2n, 77, d): unconditional half first, conditional half second
+            if negative_prompt_embeds is None:
+                negatives = [""] * n_prompts if negative_prompt is None else _as_list(negative_prompt,
+                                                                                      "negative_prompt")
+                if len(negatives) == 1 and n_prompts > 1:
+                    negatives = negatives * n_prompts
+                if len(negatives) != n_prompts:
+                    raise ValueError(f"negative_prompt has {len(negatives)} entries for {n_prompts} prompts")
+            elif negative_prompt is not None:
+                raise ValueError("give negative_prompt or negative_prompt_embeds, not both")
+            c_neg = self._text_states(None if negative_prompt_embeds is not None else negatives,
+                                      negative_prompt_embeds, clip_skip, "negative_prompt_embeds")
+            if c_neg.shape != c.shape:
+                raise ValueError(f"negative_prompt_embeds has shape {tuple(c_neg.shape)}, the prompt's states "
+                                 f"{tuple(c.shape)}: they must be equal")
+            # (2n, L, d): unconditional half first, conditional half second
             c = torch.cat([c_neg, c])
+        # one row of states per image: (n, L, d) -> (n * num_images_per_prompt, L, d), each unconditional half apart
+        c = torch.cat([half.repeat_interleave(num_images_per_prompt, dim=0) for half in c.chunk(2 if do_guidance
+                                                                                                   else 1)])
 
         # 3. the starting point z_T and the timesteps to visit
         scheduler.set_timesteps(num_inference_steps, device=device)
@@ -343,7 +485,9 @@ class TextToImagePipeline:
         # only DDIM takes eta; the stochastic samplers (DDPM, DDIM with eta > 0) draw from the generator(s)
         step_parameters = inspect.signature(scheduler.step).parameters
         extra = {name: value for name, value in (("eta", eta), ("generator", generator)) if name in step_parameters}
-        for i, t in enumerate(tqdm(timesteps, desc="sampling", disable=not progress, leave=False)):
+        bar = {"desc": "sampling", "leave": False, **self._progress_bar_config}
+        bar["disable"] = bar.get("disable", False) or not progress
+        for i, t in enumerate(tqdm(timesteps, **bar)):
             z_in = torch.cat([z, z]) if do_guidance else z
             z_in = scheduler.scale_model_input(z_in, t)
             # eps_theta(z_t, t, c)
@@ -353,13 +497,87 @@ class TextToImagePipeline:
                 # eps_hat = eps_uncond + w * (eps_text - eps_uncond)
                 eps = eps_uncond + guidance_scale * (eps_text - eps_uncond)
             z = scheduler.step(eps, t, z, **extra).prev_sample
+            if callback_on_step_end is not None:
+                z, c = self._run_callback(callback_on_step_end, callback_on_step_end_tensor_inputs, i, t, z, c)
             check_finite(z, f"the latents after sampling step {i + 1} of {len(timesteps)} (t={int(t)})",
                          guidance_scale)
 
-        # 4-5. decode: x = D(z_0 / scaling_factor), then [-1, 1] -> pixels
-        x = self.vae.decode(z / self.vae.config.scaling_factor).sample
-        check_finite(x, "the VAE decoder's output", guidance_scale)
-        return TextToImagePipelineOutput(images=postprocess_image(x, output_type))
+        if output_type == "latent":
+            out = TextToImagePipelineOutput(images=z)
+        else:
+            # 4-5. decode: x = D(z_0 / scaling_factor), then [-1, 1] -> pixels
+            x = self.vae.decode(z / self.vae.config.scaling_factor).sample
+            check_finite(x, "the VAE decoder's output", guidance_scale)
+            out = TextToImagePipelineOutput(images=postprocess_image(x, output_type))
+        return out if return_dict else out.to_tuple()
+
+    def warn_untrained_size(self, height: int, width: int) -> bool:
+        """Warn when height x width is not the resolution the model folder says it was trained at.
+
+        Only folders that state it (`training_resolution` in sampling_defaults.json: the shipped
+        model and what `train` writes) warn; Stable Diffusion folders state none, so any size is quiet.
+        """
+        r = self.sampling_defaults.training_resolution
+        if r is None or (height, width) == (r, r):
+            return False
+        warn_at_caller(f"this model was trained on {r}x{r} images only; at {height}x{width} (height x width) "
+                       f"expect repeated, missing or broken objects. Leave height and width out for {r}x{r}.")
+        return True
+
+    def _prompts(self, prompt, prompt_embeds) -> Optional[List[str]]:
+        """The prompts as a list, or None when `prompt_embeds` stands in for them (exactly one of the two)."""
+        if prompt is not None and prompt_embeds is not None:
+            raise ValueError("give prompt or prompt_embeds, not both")
+        if prompt is None and prompt_embeds is None:
+            raise ValueError("give a prompt (or prompt_embeds)")
+        return _as_list(prompt) if prompt is not None else None
+
+    def _text_states(self, prompts: Optional[List[str]], embeds: Optional[torch.Tensor], clip_skip,
+                     name: str) -> torch.Tensor:
+        """(n, L, d): the encoded prompts, or the given states checked against the UNet's context width."""
+        if embeds is None:
+            return self.encode_prompt(prompts, clip_skip).to(self.dtype)
+        d = self.unet.config.cross_attention_dim
+        if not isinstance(embeds, torch.Tensor):
+            raise TypeError(f"{name} must be a tensor, got {type(embeds).__name__}")
+        if embeds.ndim != 3 or embeds.shape[-1] != d or 0 in embeds.shape:
+            raise ValueError(f"{name} has shape {tuple(embeds.shape)}; expected (prompts, tokens, {d}), {d} being "
+                             "the UNet's cross_attention_dim")
+        if not bool(torch.isfinite(embeds).all()):
+            raise ValueError(f"{name} holds NaN or infinite values")
+        return embeds.to(self.device, self.dtype)
+
+    def _check_callback(self, callback, tensor_inputs) -> None:
+        if callback is None:
+            return
+        if not callable(callback):
+            raise TypeError(f"callback_on_step_end must be callable, got {type(callback).__name__}")
+        if isinstance(tensor_inputs, str) or not all(isinstance(k, str) for k in tensor_inputs):
+            raise TypeError("callback_on_step_end_tensor_inputs must be a list of names")
+        unknown = [k for k in tensor_inputs if k not in self.CALLBACK_TENSOR_INPUTS]
+        if unknown:
+            raise ValueError(f"callback_on_step_end_tensor_inputs: {', '.join(unknown)} not offered; "
+                             f"choose from {', '.join(self.CALLBACK_TENSOR_INPUTS)}")
+
+    def _run_callback(self, callback, tensor_inputs, i: int, t, z: torch.Tensor, c: torch.Tensor):
+        """callback(pipe, i, t, {name: tensor}); a returned dict replaces the latents and/or the text states."""
+        current = {"latents": z, "prompt_embeds": c}
+        returned = callback(self, i, t, {k: current[k] for k in tensor_inputs})
+        if returned is None:
+            return z, c
+        if not isinstance(returned, dict):
+            raise TypeError(f"callback_on_step_end must return a dict (or None), got {type(returned).__name__}")
+        unknown = sorted(set(returned) - set(self.CALLBACK_TENSOR_INPUTS))
+        if unknown:
+            raise ValueError(f"callback_on_step_end returned {', '.join(unknown)}; it may return "
+                             f"{', '.join(self.CALLBACK_TENSOR_INPUTS)}")
+        for name, old in current.items():
+            new = returned.get(name, old)
+            if not isinstance(new, torch.Tensor) or new.shape != old.shape:
+                raise ValueError(f"callback_on_step_end returned {name} of shape "
+                                 f"{tuple(getattr(new, 'shape', ()))}, expected {tuple(old.shape)}")
+            current[name] = new.to(old)
+        return current["latents"], current["prompt_embeds"]
 
     def _checked_latents(self, latents: torch.Tensor, shape: tuple) -> torch.Tensor:
         if not isinstance(latents, torch.Tensor):
@@ -440,6 +658,14 @@ class TextToImagePipeline:
                                  "pass one generator, or a list with one per image")
         elif generator is not None and not isinstance(generator, torch.Generator):
             raise TypeError(f"generator must be a torch.Generator or a list of them, got {type(generator).__name__}")
+
+
+def _batch_size_of(embeds: Any, name: str) -> int:
+    """The number of prompts a (n, tokens, d) tensor of text states stands for."""
+    if not isinstance(embeds, torch.Tensor) or embeds.ndim != 3:
+        raise ValueError(f"{name} must be a (prompts, tokens, d) tensor, got "
+                         f"{tuple(embeds.shape) if isinstance(embeds, torch.Tensor) else type(embeds).__name__}")
+    return embeds.shape[0]
 
 
 def _is_int(value: Any) -> bool:

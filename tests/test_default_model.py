@@ -113,7 +113,8 @@ def test_trained_pipeline_folder_carries_the_recipes_sampling_defaults(tmp_path)
     torch.manual_seed(0)
     folder = write_pipeline(tmp_path / "pipeline", recipe, CLIPTokenizer(), build_clip(recipe.clip).text_model,
                             build_unet(recipe.unet), build_vae(recipe.vae), results={})
-    expected = {"num_inference_steps": recipe.sampler_steps, "guidance_scale": recipe.guidance_scale}
+    expected = {"num_inference_steps": recipe.sampler_steps, "guidance_scale": recipe.guidance_scale,
+                "training_resolution": 64}
     assert json.loads((folder / FILE_NAME).read_text()) == expected
     assert json.loads((folder / "recipe.json").read_text())["recipe"]["sampler_steps"] == recipe.sampler_steps
     loaded = TextToImagePipeline.from_pretrained(folder)

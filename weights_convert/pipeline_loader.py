@@ -37,13 +37,20 @@ class NotAPipelineError(ConfigError):
 
 
 def load_pipeline(pipeline_cls: type, path: Union[str, Path], *, version: Optional[str] = None,
-                  prediction_type: Optional[str] = None, dtype: torch.dtype = torch.float32,
-                  vae: Union[str, Path, None] = None, configs: Optional[dict] = None):
+                  prediction_type: Optional[str] = None, dtype: Optional[torch.dtype] = None,
+                  vae: Union[str, Path, None] = None, configs: Optional[dict] = None,
+                  torch_dtype: Optional[torch.dtype] = None):
     """`pipeline_cls` built from `path` (folder or single file): what `TextToImagePipeline.from_pretrained` returns.
 
     vae: optionally a standalone diffusers VAE folder that replaces the pipeline's own.
+    dtype / torch_dtype: one name each for the same thing (diffusers says torch_dtype); default float32.
     The other arguments are those of `load_pipeline_components`.
     """
+    if dtype is not None and torch_dtype is not None and dtype != torch_dtype:
+        raise ValueError(f"dtype={dtype} and torch_dtype={torch_dtype} disagree: give one of them")
+    dtype = next((d for d in (dtype, torch_dtype) if d is not None), torch.float32)
+    if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise TypeError(f"torch_dtype must be a floating-point torch.dtype such as torch.float16, got {dtype!r}")
     parts = load_pipeline_components(path, version=version, prediction_type=prediction_type, dtype=dtype,
                                      configs=configs)
     if vae is not None:

@@ -353,14 +353,17 @@ def _read_result(model_folder: Path, component: str) -> dict:
 
 def build_pipeline(recipe: Recipe, tokenizer, text_encoder, unet, vae):
     """The TextToImagePipeline of trained parts, with the recipe's sampler on the training noise schedule
-    and the recipe's sampler steps and guidance scale as its sampling defaults."""
+    and the recipe's sampler steps and guidance scale as its sampling defaults, and the training images'
+    size as its training resolution (calls at other sizes warn)."""
     from parti_from_scratch.data import VOCABULARY
+    from parti_from_scratch.data.shapes import IMAGE_SIZE
     from parti_from_scratch.diffusion.schedulers import SCHEDULERS
     from parti_from_scratch.pipeline import TextToImagePipeline
     from parti_from_scratch.sampling_defaults import SamplingDefaults
 
     scheduler = SCHEDULERS[recipe.sampler].from_config(recipe.noise_schedule)   # keeps keys other samplers read
-    defaults = SamplingDefaults(num_inference_steps=recipe.sampler_steps, guidance_scale=recipe.guidance_scale)
+    defaults = SamplingDefaults(num_inference_steps=recipe.sampler_steps, guidance_scale=recipe.guidance_scale,
+                                training_resolution=IMAGE_SIZE)
     return TextToImagePipeline(tokenizer, text_encoder, unet, vae, scheduler, vocabulary=VOCABULARY,
                                sampling_defaults=defaults)
 
