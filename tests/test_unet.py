@@ -19,7 +19,7 @@ from parti_from_scratch.unet import UNet2DConditionConfig, UNet2DConditionModel
 
 from diffusers_oracle import UNET_CONFIGS, diffusers, max_diff, reference, saved_reference, unet_inputs
 
-# fp32 parity (tests/tolerances.py FP32_PARITY): diffusers' test UNets drift <= 1.5e-6 from float64 (ours 1.5e-6,
+# fp32 parity (tests/tolerances.py FP32_PARITY): diffusers' test UNets drift <= 1.6e-6 from float64 (ours 1.6e-6,
 # also with every conv as im2col or either attention backend); 1e-5 >= 2 (D_ours + D_ref)
 TOL = 1e-5
 
