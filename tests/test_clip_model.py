@@ -120,6 +120,7 @@ def tiny_vision_config():
 def test_quick_gelu_is_x_sigmoid_1702x():
     xs = [-3.0, -0.5, 0.0, 0.7, 2.0]
     expected = [x / (1 + math.exp(-1.702 * x)) for x in xs]
+    # float64, |x| <= 3: one exp (<= 1 ulp, torch vs math) and three roundings, ~1e-15 (measured 0)
     torch.testing.assert_close(quick_gelu(torch.tensor(xs, dtype=torch.float64)),
                                torch.tensor(expected, dtype=torch.float64), atol=1e-12, rtol=0)
 
