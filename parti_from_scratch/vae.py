@@ -12,12 +12,15 @@ a variational autoencoder (Kingma & Welling 2013, arXiv 1312.6114):
 The diffusion model sees z * scaling_factor (0.18215 for SD 1.x/2.x), which
 gives the latents roughly unit variance; `decode` expects z / scaling_factor back.
 
+The convolutional body is nn/autoencoder.py's, shared with the VQGAN (parti/vqgan.py):
 Encoder: conv_in -> down blocks (ResnetBlock2D without time embedding, then
 Downsample2D with the asymmetric padding) -> mid block (resnet, single-head
 self-attention over the pixels, resnet) -> GroupNorm -> SiLU -> conv_out to
 2 * latent_channels (mu and log sigma^2) -> quant_conv (1x1).
 Decoder: post_quant_conv (1x1) -> conv_in -> mid block -> up blocks (resnets,
 then Upsample2D) -> GroupNorm -> SiLU -> conv_out.
+What is the VAE's own is below: the diagonal Gaussian q(z | x), its KL to N(0, I),
+and the 1x1 convolutions around the latent.
 """
 from __future__ import annotations
 
@@ -27,15 +30,12 @@ from pathlib import Path
 from typing import Any, ClassVar, Mapping, Optional, Tuple, Union
 
 import torch
-from einops import rearrange
 from torch import nn
 
 from parti_from_scratch.configuration import (Config, Refused, check_groups_divide_widths, check_levels,
                                               config_from_dict, positive, require)
 from parti_from_scratch.diffusion.process import randn
-from parti_from_scratch.nn.attention import MultiHeadAttention
-from parti_from_scratch.nn.resnet import ResnetBlock2D, group_norm_silu
-from parti_from_scratch.nn.updown import Downsample2D, Upsample2D
+from parti_from_scratch.nn.autoencoder import ConvDecoder, ConvEncoder
 from parti_from_scratch.outputs import ModelOutput
 
 
@@ -124,116 +124,6 @@ class DecoderOutput(ModelOutput):
     sample: torch.Tensor
 
 
-class SpatialSelfAttention(MultiHeadAttention):
-    """x + W_O Attention(W_Q n, W_K n, W_V n), n = GroupNorm(x) flattened to one token per pixel; a single head.
-
-    The VAE's mid-block attention: every pixel of the lowest-resolution map
-    looks at every other, with one head as wide as the channels.
-    """
-
-    def __init__(self, channels: int, groups: int, eps: float = 1e-6):
-        super().__init__(channels, n_heads=1, qkv_bias=True, out_bias=True, upcast=True)
-        self.group_norm = nn.GroupNorm(groups, channels, eps=eps)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x (b, c, H, W) -> (b, c, H, W)."""
-        height = x.shape[2]
-        # (b, c, H, W) -> (b, H*W, c)
-        tokens = rearrange(self.group_norm(x), "b c h w -> b (h w) c")
-        out = super().forward(tokens)
-        # (b, H*W, c) -> (b, c, H, W)
-        return x + rearrange(out, "b (h w) c -> b c h w", h=height)
-
-
-class VAEMidBlock(nn.Module):
-    """ResnetBlock2D -> SpatialSelfAttention -> ResnetBlock2D at the lowest resolution (UNetMidBlock2D)."""
-
-    def __init__(self, channels: int, groups: int, add_attention: bool = True):
-        super().__init__()
-        self.resnets = nn.ModuleList(ResnetBlock2D(channels, channels, groups=groups) for _ in range(2))
-        self.attentions = nn.ModuleList([SpatialSelfAttention(channels, groups)] if add_attention else [])
-
-    def forward(self, h: torch.Tensor) -> torch.Tensor:
-        """h (b, c, H, W) -> (b, c, H, W)."""
-        h = self.resnets[0](h)
-        for attention in self.attentions:
-            h = attention(h)
-        return self.resnets[1](h)
-
-
-class ResnetLevel(nn.Module):
-    """n_layers ResnetBlock2D (no time embedding), then an optional resolution change.
-
-    The encoder's DownEncoderBlock2D (`resample="down"`, asymmetric padding) and
-    the decoder's UpDecoderBlock2D (`resample="up"`).
-    """
-
-    def __init__(self, in_channels: int, out_channels: int, n_layers: int, groups: int, resample: Optional[str]):
-        super().__init__()
-        self.resnets = nn.ModuleList(
-            ResnetBlock2D(in_channels if i == 0 else out_channels, out_channels, groups=groups)
-            for i in range(n_layers))
-        self.downsample = Downsample2D(out_channels, padding=0) if resample == "down" else None
-        self.upsample = Upsample2D(out_channels) if resample == "up" else None
-
-    def forward(self, h: torch.Tensor) -> torch.Tensor:
-        """h (b, c_in, H, W) -> (b, c_out, H', W') with H' = H/2, H or 2H."""
-        for resnet in self.resnets:
-            h = resnet(h)
-        if self.downsample is not None:
-            h = self.downsample(h)
-        if self.upsample is not None:
-            h = self.upsample(h)
-        return h
-
-
-class Encoder(nn.Module):
-    """x (b, 3, H, W) -> [mu, log sigma^2] (b, 2 * latent_channels, H / 2^(L-1), W / 2^(L-1))."""
-
-    def __init__(self, config: AutoencoderKLConfig):
-        super().__init__()
-        widths, groups, n = config.block_out_channels, config.norm_num_groups, len(config.block_out_channels)
-        self.conv_in = nn.Conv2d(config.in_channels, widths[0], kernel_size=3, padding=1)
-        self.down_blocks = nn.ModuleList(
-            ResnetLevel(widths[max(i - 1, 0)], widths[i], config.layers_per_block, groups,
-                        resample="down" if i < n - 1 else None)
-            for i in range(n))
-        self.mid_block = VAEMidBlock(widths[-1], groups, config.mid_block_add_attention)
-        self.conv_norm_out = nn.GroupNorm(groups, widths[-1], eps=1e-6)
-        self.conv_out = nn.Conv2d(widths[-1], 2 * config.latent_channels, kernel_size=3, padding=1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.conv_in(x)
-        for block in self.down_blocks:
-            h = block(h)
-        h = self.mid_block(h)
-        return self.conv_out(group_norm_silu(h, self.conv_norm_out))
-
-
-class Decoder(nn.Module):
-    """z (b, latent_channels, h, w) -> x_hat (b, out_channels, h * 2^(L-1), w * 2^(L-1))."""
-
-    def __init__(self, config: AutoencoderKLConfig):
-        super().__init__()
-        widths, groups, n = config.block_out_channels[::-1], config.norm_num_groups, len(config.block_out_channels)
-        self.conv_in = nn.Conv2d(config.latent_channels, widths[0], kernel_size=3, padding=1)
-        self.mid_block = VAEMidBlock(widths[0], groups, config.mid_block_add_attention)
-        # deepest level first; each has one resnet more than the encoder's
-        self.up_blocks = nn.ModuleList(
-            ResnetLevel(widths[max(i - 1, 0)], widths[i], config.layers_per_block + 1, groups,
-                        resample="up" if i < n - 1 else None)
-            for i in range(n))
-        self.conv_norm_out = nn.GroupNorm(groups, widths[-1], eps=1e-6)
-        self.conv_out = nn.Conv2d(widths[-1], config.out_channels, kernel_size=3, padding=1)
-
-    def forward(self, z: torch.Tensor) -> torch.Tensor:
-        h = self.conv_in(z)
-        h = self.mid_block(h)
-        for block in self.up_blocks:
-            h = block(h)
-        return self.conv_out(group_norm_silu(h, self.conv_norm_out))
-
-
 class AutoencoderKL(nn.Module):
     """The KL autoencoder: `vae.encode(x).latent_dist.sample(generator)` and `vae.decode(z).sample`.
 
@@ -246,8 +136,12 @@ class AutoencoderKL(nn.Module):
         config = config_from_dict(AutoencoderKLConfig, kwargs, strict=True) if config is None else config
         self.config = config
         c = config.latent_channels
-        self.encoder = Encoder(config)
-        self.decoder = Decoder(config)
+        body = dict(block_out_channels=config.block_out_channels, layers_per_block=config.layers_per_block,
+                    groups=config.norm_num_groups, mid_block_add_attention=config.mid_block_add_attention)
+        # E(x) -> [mu, log sigma^2]: (b, in_channels, H, W) -> (b, 2 * latent_channels, H / 2^(L-1), W / 2^(L-1))
+        self.encoder = ConvEncoder(config.in_channels, 2 * c, **body)
+        # D(z): (b, latent_channels, h, w) -> (b, out_channels, h * 2^(L-1), w * 2^(L-1))
+        self.decoder = ConvDecoder(c, config.out_channels, **body)
         self.quant_conv = nn.Conv2d(2 * c, 2 * c, kernel_size=1) if config.use_quant_conv else None
         self.post_quant_conv = nn.Conv2d(c, c, kernel_size=1) if config.use_post_quant_conv else None
 
