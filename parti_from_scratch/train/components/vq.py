@@ -1,0 +1,257 @@
+"""Training the image tokenizer: reconstruction + VQ loss, with an EMA codebook and dead-code restarts.
+
+Parti (Yu et al. 2022, arXiv 2206.10789) first learns to write an image as a
+grid of codebook indices; this file trains that tokenizer, the convolutional
+VQGAN of parti/vqgan.py (Esser et al. 2021, arXiv 2012.09841), on the built-in
+shapes. Per batch x (b, 3, 64, 64) in [-1, 1]:
+
+    z     = E(x)                                   (b, d, h, w), h = 64 / 2^(L-1)
+    k*    = argmin_k ||z_ij - e_k||^2              indices (b, h, w)
+    z_q   = z + sg(e_{k*} - z)                     straight-through (parti/quantize.py)
+    x_hat = G(z_q)
+
+    L = mean w |x - x_hat| + mean w (x - x_hat)^2 + L_VQ                `vq_loss_fn`
+
+with the per-pixel weights w = 1 + foreground_weight * [pixel is not black] of
+the diffusion VAE (components/vae.py: the objects cover about 3% of an image)
+and no perceptual or adversarial term: the shapes are flat colours, and the
+checker, not a human eye, judges the result. L_VQ is Eq. 3 of van den Oord et
+al. 2017 (arXiv 1711.00937), ||sg(z) - e||^2 + beta ||z - sg(e)||^2, or, with
+the EMA codebook (their Appendix A.1), only beta ||z - sg(e)||^2: the codes
+then move to the running mean of the vectors they win, without a gradient.
+
+Against codebook collapse (codes no vector ever chooses), three switches, each
+measured in train/parti_recipe.py's RECIPE.md:
+
+* k-means initialisation (`kmeans`): the codes start as the k-means centroids
+  of the untrained encoder's outputs on some training images, instead of
+  uniform noise in [-1/K, 1/K] that no encoder output lies near;
+* the EMA codebook (`Codebook.use_ema`, decay gamma);
+* dead-code restarts (`Codebook.threshold_ema_dead_code`): a code whose EMA
+  count falls below the threshold is moved onto a random encoder output of the
+  batch.
+
+Under torchrun every process sees the whole global batch's z when the codebook
+is updated (`gather_global_batch`) and draws the restarts from the step's
+shared generator, so all processes hold the same codebook, and it is the one a
+single process would have, up to float rounding of the encoder.
+
+`evaluate_tokenizer` measures what issue the Transformer will face: images ->
+indices -> images, graded by the analytic checker (data/checker.py), and the
+fraction of the codebook the test images use.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Optional, Union
+
+import numpy as np
+import torch
+
+from parti_from_scratch.data import ShapesDataset, score, summarise
+from parti_from_scratch.parti.quantize import (VectorQuantizer, VectorQuantizerConfig, code_counts, codebook_usage,
+                                               nearest_code, perplexity)
+from parti_from_scratch.parti.vqgan import VQ_BETA, VQModel, VQModelConfig
+
+from ..distributed import gather_global_batch
+from ..loop import StepRNG, TrainConfig, TrainResult, train
+from .common import seeded_init
+from .vae import image_collate
+
+
+@dataclass
+class Codebook:
+    """How the codebook is trained (the fields of VectorQuantizerConfig a recipe sets, plus k-means)."""
+    use_ema: bool = True                  # codes by EMA of the vectors they win (arXiv 1711.00937 App. A.1)
+    decay: float = 0.99                   # gamma of that EMA (and of the counts that decide restarts)
+    threshold_ema_dead_code: float = 1.0  # restart a code whose EMA count per batch falls below this (0: never)
+    beta: float = VQ_BETA                 # commitment weight of Eq. 3 (paper form, beta on ||z - sg(e)||^2)
+    kmeans_images: int = 0                # k-means init on the untrained encoder's outputs for this many images (0: off)
+    kmeans_iters: int = 10                # Lloyd iterations of that k-means
+
+    def quantizer_config(self, num_embeddings: int, embedding_dim: int) -> VectorQuantizerConfig:
+        """The Euclidean (taming-style) quantizer of a VQModel, with this codebook training."""
+        return VectorQuantizerConfig(num_embeddings=num_embeddings, embedding_dim=embedding_dim,
+                                     use_cosine_sim=False, beta=self.beta, legacy=False, use_ema=self.use_ema,
+                                     decay=self.decay, threshold_ema_dead_code=self.threshold_ema_dead_code)
+
+
+def build_vq(config: Union[dict, VQModelConfig], codebook: Codebook, seed: int = 0) -> VQModel:
+    """A freshly initialised VQModel whose quantizer trains as `codebook` says; weights depend on `seed` only.
+
+    The quantizer may carry EMA buffers (cluster_size, embed_sum) that a diffusers
+    VQModel folder has no place for: `export_vq` drops them before saving.
+    """
+    if isinstance(config, dict):
+        config = VQModelConfig.from_dict(dict(config))
+
+    def make() -> VQModel:
+        model = VQModel(config)
+        model.quantize = VectorQuantizer(codebook.quantizer_config(config.num_vq_embeddings, config.code_dim))
+        return model
+    return seeded_init(make, seed)
+
+
+def export_vq(model: VQModel) -> VQModel:
+    """The trained weights in a plain VQModel (no EMA buffers), as VQModel.save_pretrained writes and loads it."""
+    plain = VQModel(model.config)
+    state = {k: v for k, v in model.state_dict().items() if k in plain.state_dict()}
+    extra = sorted(set(model.state_dict()) - set(state))
+    if any(not k.startswith("quantize.") for k in extra):
+        raise ValueError(f"export_vq: unexpected weights outside the quantizer: {extra}")
+    plain.load_state_dict(state, strict=True)
+    return plain.eval()
+
+
+# --------------------------------------------------------------------------------------------- k-means
+
+
+@torch.no_grad()
+def kmeans(z: torch.Tensor, k: int, iters: int = 10, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """Lloyd's k-means: k centroids of the vectors z (n, d) -> (k, d).
+
+        start:  c_j = k distinct rows of z, drawn at random (with repetition if n < k)
+        repeat: a_i = argmin_j ||z_i - c_j||^2;   c_j = mean {z_i : a_i = j}  (kept if no z_i chose it)
+    """
+    n = z.shape[0]
+    if n == 0:
+        raise ValueError("kmeans: no vectors to cluster")
+    pick = (torch.randperm(n, generator=generator)[:k] if n >= k
+            else torch.randint(0, n, (k,), generator=generator))
+    centroids = z[pick].clone()
+    for _ in range(iters):
+        # a_i: (n,)
+        assign = nearest_code(z, centroids)
+        counts = code_counts(assign, k).to(z.dtype)
+        # sum of the vectors of each cluster: (k, d)
+        sums = torch.zeros_like(centroids).index_add_(0, assign, z)
+        won = counts > 0
+        centroids[won] = sums[won] / counts[won, None]
+    return centroids
+
+
+@torch.no_grad()
+def kmeans_init(model: VQModel, images: torch.Tensor, iters: int = 10, seed: int = 0) -> None:
+    """Set the codebook to the k-means centroids of the encoder's outputs on `images` (b, 3, H, W); restart the EMA."""
+    z = model.encode(images).latents
+    # (b, d, h, w) -> (b h w, d)
+    flat = z.permute(0, 2, 3, 1).reshape(-1, z.shape[1])
+    q = model.quantize
+    q.embedding.weight.copy_(kmeans(flat, q.config.num_embeddings, iters, torch.Generator().manual_seed(seed)))
+    q.reset_ema()
+
+
+# --------------------------------------------------------------------------------------------- the loss
+
+
+def reconstruction_loss(x: torch.Tensor, x_hat: torch.Tensor, foreground_weight: float
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean w |x - x_hat|, mean w (x - x_hat)^2), w = 1 + foreground_weight * [any channel of x > -0.9].
+
+    x, x_hat: (b, 3, H, W) in [-1, 1]; w: (b, 1, H, W), the black background weighing 1.
+    """
+    w = 1.0 + foreground_weight * (x.amax(dim=1, keepdim=True) > -0.9).to(x.dtype)
+    return (w * (x - x_hat).abs()).mean(), (w * (x - x_hat) ** 2).mean()
+
+
+def vq_loss_fn(model: VQModel, x: torch.Tensor, rng: StepRNG, foreground_weight: float = 10.0
+               ) -> tuple[torch.Tensor, dict]:
+    """L = mean w |x - x_hat| + mean w (x - x_hat)^2 + L_VQ, with x_hat = G(z + sg(e_{k*} - z)), z = E(x).
+
+    The lookup and L_VQ use the codebook as it stands before this step; then the
+    codebook takes its EMA step and restarts on the global batch's z (every
+    process the same, see the module docstring).
+
+    Shapes: x (b, 3, H, W) in [-1, 1]; z (b, d, h, w).
+    """
+    q = model.quantize
+    z = model.encode(x).latents
+    # lookup, L_VQ and straight-through, with the codebook left untouched
+    was_training = q.training
+    q.train(False)
+    out = q(z)
+    q.train(was_training)
+    updating = was_training and q.tracks_counts
+    x_hat = model.decode(out.quantized, force_not_quantize=True).sample
+    l1, l2 = reconstruction_loss(x, x_hat, foreground_weight)
+    loss = l1 + l2 + out.loss
+    # one generator draw every step, used or not, so the random stream does not depend on the settings
+    generator = rng.generator()
+    if updating:
+        with torch.no_grad():
+            # EMA step and dead-code restarts on every process's z at once
+            q(gather_global_batch(z.detach()), generator=generator)
+    dead = (q.cluster_size < q.config.threshold_ema_dead_code).float().mean().item() if q.tracks_counts else 0.0
+    return loss, {"l1": l1.item(), "l2": l2.item(), "vq": out.loss.item(), "perplexity": out.perplexity.item(),
+                  "dead_fraction": dead}
+
+
+def vq_loss_fn_with(foreground_weight: float) -> Any:
+    """The loss for a given foreground weight (see vq_loss_fn)."""
+    def loss_fn(model: VQModel, x: torch.Tensor, rng: StepRNG) -> tuple[torch.Tensor, dict]:
+        return vq_loss_fn(model, x, rng, foreground_weight)
+    return loss_fn
+
+
+def train_vq(config: Union[dict, VQModelConfig], codebook: Codebook, dataset, train_config: TrainConfig,
+             foreground_weight: float = 10.0, resume: Union[str, None] = None) -> tuple[VQModel, TrainResult]:
+    """Train the tokenizer; return it as a plain VQModel (export_vq) in eval mode, and the run.
+
+    With k-means on (codebook.kmeans_images > 0) the codes start at the centroids of the untrained
+    encoder's outputs on the first training images (a resumed run loads its codebook instead).
+    With a weight EMA (train_config.ema_decay) the returned model is the EMA copy; its codebook,
+    which the EMA of the weights leaves alone when the codebook trains by EMA, is the last one.
+    """
+    model = build_vq(config, codebook, train_config.seed)
+    if codebook.kmeans_images > 0 and resume is None:
+        n = min(codebook.kmeans_images, len(dataset))
+        kmeans_init(model, image_collate([dataset[i] for i in range(n)]), codebook.kmeans_iters, train_config.seed)
+    result = train(model, vq_loss_fn_with(foreground_weight), dataset, train_config, collate=image_collate,
+                   resume=resume)
+    trained = result.model
+    if result.ema_model is not None:
+        trained = result.ema_model
+        if codebook.use_ema:
+            trained.quantize.embedding.weight.data.copy_(result.model.quantize.embedding.weight.detach())
+    return export_vq(trained.cpu()), result
+
+
+# --------------------------------------------------------------------------------------------- evaluation
+
+
+@torch.no_grad()
+def tokenize_and_decode(model: VQModel, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """images (b, 3, H, W) in [-1, 1] -> (indices (b, h, w), decoded images (b, 3, H, W)), through the indices alone."""
+    indices = model.tokenize(images.to(model.device, model.dtype))
+    return indices, model.decode_indices(indices).float().clamp(-1, 1)
+
+
+@torch.no_grad()
+def evaluate_tokenizer(model: VQModel, n: int = 400, split: str = "test", seed: int = 0, batch_size: int = 100
+                       ) -> dict:
+    """Encode -> indices -> decode n images of `split` and grade each against its own scene.
+
+    Returns {"exact": fraction of images the checker reads as exactly their scene, the other
+    checker attributes, "usage": fraction of the K codes used at least once on these images,
+    "perplexity": exp(entropy) of the code frequencies, "mse": mean squared error in [-1, 1],
+    "tokens_per_image", "n"}.
+    """
+    data = ShapesDataset(split, size=n, seed=seed)
+    model = model.eval()
+    K = model.config.num_vq_embeddings
+    counts = torch.zeros(K, dtype=torch.long)
+    scores, squared_errors = [], []
+    for start in range(0, n, batch_size):
+        stop = min(n, start + batch_size)
+        x = torch.stack([data[i][0] for i in range(start, stop)])
+        indices, x_hat = tokenize_and_decode(model, x)
+        counts += code_counts(indices.cpu(), K)
+        squared_errors.append(((x_hat.cpu() - x) ** 2).mean().item() * (stop - start))
+        # (b, 3, H, W) in [-1, 1] -> (b, H, W, 3) in [0, 1], the checker's layout
+        pictures = ((x_hat.cpu() + 1) / 2).permute(0, 2, 3, 1).numpy()
+        scores += [score(image, data.scenes[i]) for i, image in zip(range(start, stop), pictures)]
+    grid = tuple(indices.shape[1:])
+    return {**{k: v for k, v in summarise(scores).items()}, "usage": codebook_usage(counts),
+            "codes_used": int((counts > 0).sum()), "perplexity": float(perplexity(counts)),
+            "mse": float(np.sum(squared_errors) / n), "tokens_per_image": grid[0] * grid[1], "n": n}
+

@@ -1,0 +1,148 @@
+"""Training Parti's image tokenizer: the loss, the EMA codebook step inside it, k-means, a tiny run end to end."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from torch.testing import assert_close
+
+from parti_from_scratch import VQModel
+from parti_from_scratch.data import ShapesDataset
+from parti_from_scratch.parti.quantize import commitment_loss, ema_codebook_update, nearest_code
+from parti_from_scratch.train import StepRNG, TrainConfig, load_checkpoint, train
+from parti_from_scratch.train.components.vae import image_collate
+from parti_from_scratch.train.components.vq import (Codebook, build_vq, export_vq, kmeans, reconstruction_loss,
+                                                    train_vq, vq_loss_fn, vq_loss_fn_with)
+from parti_from_scratch.train.parti_recipe import _vq_config, tiny_tokenizer_recipe, train_tokenizer
+
+TINY = _vq_config(block_out_channels=(8, 8, 8, 8), num_vq_embeddings=32, vq_embed_dim=4, groups=4)
+
+
+def _config(tmp_path, steps, lr=3e-3, **kw):
+    return TrainConfig(steps=steps, batch_size=8, lr=lr, ema_decay=None, log_every=1, seed=0,
+                       out_dir=str(tmp_path), device="cpu", progress=False, **kw)
+
+
+def test_kmeans_finds_the_means_of_separated_clusters():
+    g = torch.Generator().manual_seed(0)
+    centres = torch.tensor([[0.0, 0.0], [10.0, 0.0], [0.0, 10.0], [10.0, 10.0]])
+    labels = torch.arange(4).repeat_interleave(50)
+    z = centres[labels] + 0.1 * torch.randn(200, 2, generator=g)
+    found = kmeans(z, 4, iters=10, generator=torch.Generator().manual_seed(1))
+    # each centroid is the mean of one true cluster (clusters are 100 sigma apart, so no point is misassigned);
+    # the means are sums of 50 float32 values divided by 50: a few ulps at |x| ~ 10, far below 1e-5
+    expected = torch.stack([z[labels == k].mean(0) for k in range(4)])
+    order = nearest_code(expected, found)
+    assert sorted(order.tolist()) == [0, 1, 2, 3]
+    assert_close(found[order], expected, rtol=0, atol=1e-5)
+
+
+def test_reconstruction_loss_weighs_the_foreground():
+    x = -torch.ones(1, 3, 2, 2)
+    x[0, 0, 0, 0] = 1.0                                   # one red pixel, three black ones
+    x_hat = x.clone()
+    x_hat[0, :, 0, 0] -= 0.5                              # error 0.5 on the red pixel's channels (one is -1.5)
+    x_hat[0, :, 1, 1] += 0.25                             # error 0.25 on a black pixel's three channels
+    l1, l2 = reconstruction_loss(x, x_hat, foreground_weight=3.0)
+    # w = 4 on the red pixel, 1 elsewhere; means over the 12 elements
+    assert_close(l1, torch.tensor((4 * 3 * 0.5 + 3 * 0.25) / 12), rtol=0, atol=0)
+    assert_close(l2, torch.tensor((4 * 3 * 0.25 + 3 * 0.0625) / 12), rtol=0, atol=0)
+
+
+def test_vq_loss_is_reconstruction_plus_commitment_and_the_codebook_takes_its_ema_step():
+    """One training call: the loss uses the codebook before the step; after it, e_k = m_k / N_k (Appendix A.1)."""
+    codebook = Codebook(use_ema=True, decay=0.9, threshold_ema_dead_code=0.0, beta=0.25)
+    model = build_vq(TINY, codebook, seed=0).train()
+    x = image_collate([ShapesDataset("train", size=4, seed=0)[i] for i in range(4)])
+    q = model.quantize
+    before = q.embedding.weight.detach().clone()
+    cluster_size, embed_sum = q.cluster_size.clone(), q.embed_sum.clone()
+    with torch.no_grad():
+        z = model.encode(x).latents
+        flat = z.permute(0, 2, 3, 1).reshape(-1, z.shape[1])       # (b h w, d), the quantizer's order
+        k = nearest_code(flat, before)
+        code = before[k]
+        x_hat = model.decode(code.reshape(4, z.shape[2], z.shape[3], -1).permute(0, 3, 1, 2),
+                             force_not_quantize=True).sample
+        l1, l2 = reconstruction_loss(x, x_hat, 10.0)
+        expected_loss = l1 + l2 + 0.25 * commitment_loss(flat, code)
+        _, _, expected_codebook = ema_codebook_update(cluster_size, embed_sum, flat, k, decay=0.9)
+    loss, metrics = vq_loss_fn(model, x, StepRNG(0, 0, 4, slice(0, 4)), foreground_weight=10.0)
+    # same operations in the same order, but the decoder is fed z + (e - z) rather than e: a few float32 ulps
+    assert_close(loss, expected_loss, rtol=1e-6, atol=1e-6)
+    assert_close(q.embedding.weight, expected_codebook, rtol=0, atol=0)
+    assert not torch.equal(q.embedding.weight, before)
+    assert set(metrics) >= {"l1", "l2", "vq", "perplexity", "dead_fraction"}
+
+
+def test_dead_codes_are_restarted_onto_encoder_outputs():
+    model = build_vq(TINY, Codebook(use_ema=True, decay=0.99, threshold_ema_dead_code=2.0), seed=0).train()
+    x = image_collate([ShapesDataset("train", size=2, seed=0)[i] for i in range(2)])
+    q = model.quantize
+    with torch.no_grad():
+        z = model.encode(x).latents
+        flat = z.permute(0, 2, 3, 1).reshape(-1, z.shape[1])       # (b h w, d)
+        n_k = torch.bincount(nearest_code(flat, q.embedding.weight), minlength=32).float()
+    # N_k starts at 1; after the step N_k = 0.99 + 0.01 n_k, below the threshold 2 unless a code won > 101 vectors
+    dead = 0.99 + 0.01 * n_k < 2.0
+    assert dead.sum() >= 30
+    vq_loss_fn(model, x, StepRNG(0, 0, 2, slice(0, 2)))
+    # each dead code now is exactly one of the encoder's vectors, with the count of a fresh code
+    is_a_row = (q.embedding.weight[:, None, :] == flat[None, :, :]).all(-1).any(1)
+    assert is_a_row[dead].all()
+    assert torch.equal(q.cluster_size[dead], torch.full((int(dead.sum()),), 2.0))
+    # and the restarts drew distinct vectors
+    assert len({tuple(row.tolist()) for row in q.embedding.weight[dead]}) == int(dead.sum())
+
+
+def test_export_drops_only_the_ema_buffers():
+    model = build_vq(TINY, Codebook(use_ema=True, threshold_ema_dead_code=1.0), seed=3)
+    plain = export_vq(model)
+    assert set(model.state_dict()) - set(plain.state_dict()) == {"quantize.cluster_size", "quantize.embed_sum"}
+    for key, value in plain.state_dict().items():
+        assert torch.equal(value, model.state_dict()[key]), key
+
+
+def test_tiny_tokenizer_run_reduces_the_loss(tmp_path):
+    data = ShapesDataset("train", size=16, seed=0)
+    _, result = train_vq(TINY, Codebook(kmeans_images=8), data, _config(tmp_path, 20))
+    losses = [row["loss"] for row in result.history]
+    first, last = sum(losses[:3]) / 3, sum(losses[-3:]) / 3
+    # the weighted L1 + L2 of an untrained decoder starts near 1; 20 steps on 16 images must cut it by a third
+    assert last < 0.67 * first, (first, last)
+
+
+def test_resumed_run_continues_the_codebook_exactly(tmp_path):
+    """6 steps straight == 3 steps, checkpoint, resume to 6 (seeded: two fresh builds, same weights at the end);
+    the EMA buffers travel in the checkpoint."""
+    data = ShapesDataset("train", size=16, seed=0)
+    codebook = Codebook(threshold_ema_dead_code=1.0)
+    straight = train(build_vq(TINY, codebook), vq_loss_fn_with(10.0), data, _config(tmp_path / "s", 6),
+                     collate=image_collate)
+    train(build_vq(TINY, codebook), vq_loss_fn_with(10.0), data, _config(tmp_path / "r", 3), collate=image_collate)
+    resumed = train(build_vq(TINY, codebook), vq_loss_fn_with(10.0), data, _config(tmp_path / "r", 6),
+                    collate=image_collate, resume="latest")
+    for (key, a), b in zip(straight.model.state_dict().items(), resumed.model.state_dict().values()):
+        assert torch.equal(a, b), key
+    loaded = build_vq(TINY, codebook)
+    load_checkpoint(resumed.checkpoint, loaded)
+    assert torch.equal(loaded.quantize.cluster_size, resumed.model.quantize.cluster_size)
+
+
+def test_train_tokenizer_writes_a_vqmodel_folder_that_loads(tmp_path):
+    folder = train_tokenizer(tmp_path, tiny_tokenizer_recipe(), device="cpu", progress=False)
+    model = VQModel.from_pretrained(folder)
+    assert model.config.num_vq_embeddings == 32 and model.config.block_out_channels == (8, 8, 8, 8)
+    x = image_collate([ShapesDataset("test", size=2, seed=0)[i] for i in range(2)])
+    indices = model.tokenize(x)
+    assert indices.shape == (2, 8, 8) and indices.dtype == torch.int64
+    assert model.decode_indices(indices).shape == (2, 3, 64, 64)
+    record = json.loads((folder / "recipe.json").read_text())
+    assert set(record["run"]["measured"]) == {"fp32", "float16 weights"}
+    assert 0.0 < record["run"]["measured"]["fp32"]["usage"] <= 1.0
+    assert "| fp32 |" in (folder / "RECIPE.md").read_text()
+    # the weights are stored in float16
+    from safetensors import safe_open
+    with safe_open(str(folder / "diffusion_pytorch_model.safetensors"), "pt") as f:
+        assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.float16}
