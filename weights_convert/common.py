@@ -6,7 +6,11 @@
   can never run code while it is read.
 * `rename_keys` applies ordered regex rules to every key and accounts for all
   of them: each source key is renamed by exactly one rule or ignored with a
-  stated reason; any other key is an error.
+  stated reason; any other key is an error. `block_rules` writes those rules
+  for a layout given as blocks (their prefix, our prefix, leaf renames), and
+  `check_blocks` checks that every block received tensors.
+* `tensor_shape` and `count_indices` read a configuration off a file's
+  tensor shapes and key indices, naming the file and key when they cannot.
 * `check_repeats` compares the config's repeat counts (levels, layers) with
   the file's key indices before a model is built, so building costs what the
   file holds, whatever the config claims.
@@ -83,9 +87,12 @@ def read_state_dict(path: PathLike, fallback: Optional[Callable[[Path], object]]
     if refused:
         obj = fallback(path)
     if isinstance(obj, Mapping) and "state_dict" in obj and isinstance(obj["state_dict"], Mapping):
-        obj = obj["state_dict"]
-    if not isinstance(obj, Mapping) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise CheckpointError(f"{path}: expected a mapping of names to tensors")
+        obj = obj["state_dict"]  # a training checkpoint: the weights next to optimizer and framework state
+    if not isinstance(obj, Mapping):
+        raise CheckpointError(f"{path}: expected a mapping of names to tensors, found {type(obj).__name__}")
+    bad = [repr(k) for k, v in obj.items() if not (isinstance(k, str) and isinstance(v, torch.Tensor))]
+    if bad:
+        raise CheckpointError(f"{path}: entries that are not named tensors: {_list(bad)}")
     return dict(obj)
 
 
@@ -134,6 +141,67 @@ def rename_keys(state: Mapping[str, torch.Tensor], rules: Sequence[Rule], ignore
     if unknown:
         raise CheckpointError(f"{source}: unexpected keys (not part of this architecture): {_list(unknown)}")
     return out
+
+
+# Renaming by blocks: a layout maps whole sub-modules (a resnet, an attention) onto ours, and inside
+# each a few leaf names. Leaves: (their leaf, our leaf) pairs; SAME keeps every name below the block.
+Leaves = Tuple[Tuple[str, str], ...]
+SAME: Leaves = (("", ""),)
+# A block: (their prefix, our prefix, leaves).
+Block = Tuple[str, str, Leaves]
+
+
+def block_rules(blocks: Sequence[Block], reverse: bool = False) -> List[Rule]:
+    """rename_keys rules: a key `<block>.<leaf>[.rest]` becomes `<other block>.<other leaf>[.rest]`.
+
+    reverse: our names -> theirs (for writing their layout) instead of theirs -> ours.
+    """
+    rules = []
+    for theirs, ours, leaves in blocks:
+        for their_leaf, our_leaf in leaves:
+            source, target = f"{theirs}.{their_leaf}".rstrip("."), f"{ours}.{our_leaf}".rstrip(".")
+            if reverse:
+                source, target = target, source
+            rules.append((re.escape(source) + r"((?:\..+)?)", target + r"\g<1>"))
+    return rules
+
+
+def check_blocks(blocks: Sequence[Block], out: Mapping[str, torch.Tensor], reverse: bool, source: str) -> None:
+    """Every block must have received tensors in the renamed `out` (catches a file missing a whole layer).
+
+    reverse: `out` is in their names (written by `block_rules(blocks, reverse=True)`), not ours.
+    """
+    present = set()
+    for key in out:
+        parts = key.split(".")
+        present.update(".".join(parts[:i]) for i in range(1, len(parts) + 1))
+    missing = [(ours if reverse else theirs) for theirs, ours, _ in blocks
+               if (theirs if reverse else ours) not in present]
+    if missing:
+        raise CheckpointError(f"{source}: no tensors for these parts of the model: {_list(missing)}")
+
+
+def tensor_shape(state: Mapping[str, torch.Tensor], key: str, source: str, *ranks: int) -> Tuple[int, ...]:
+    """The shape of `state[key]`, which must have one of `ranks` dimensions (4 for a conv, 2 for a linear).
+
+    For reading a configuration off a file's tensors: a missing key or another rank names the file and the key.
+    """
+    if key not in state:
+        raise CheckpointError(f"{source}: missing key {key!r}, needed to infer the model's configuration")
+    shape = tuple(state[key].shape)
+    if len(shape) not in ranks:
+        raise CheckpointError(f"{source}: {key} has shape {shape}; expected {' or '.join(map(str, ranks))} "
+                              f"dimensions")
+    return shape
+
+
+def count_indices(keys: Iterable[str], pattern: str, source: str) -> int:
+    """How many indices i the keys matching `pattern` (one group: i) use; they must be 0..n-1."""
+    compiled = re.compile(pattern)
+    found = sorted({int(m[1]) for k in keys if (m := compiled.match(k))})
+    if found != list(range(len(found))):
+        raise CheckpointError(f"{source}: keys matching {pattern!r} use indices {found}, expected 0..{len(found) - 1}")
+    return len(found)
 
 
 def check_state_dict(model: nn.Module, state: Mapping[str, torch.Tensor], source: str = "checkpoint") -> None:

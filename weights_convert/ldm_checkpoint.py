@@ -28,7 +28,7 @@ n = layers_per_block, b = level, j = layer in the level, L = number of levels):
     out.0 / out.2                           conv_norm_out / conv_out
       inside a resnet: in_layers.0/.2 -> norm1/conv1, emb_layers.1 -> time_emb_proj,
       out_layers.0/.3 -> norm2/conv2, skip_connection -> conv_shortcut; inside an attention: same names
-    VAE (first_stage_model. -> vae)
+    VAE (first_stage_model. -> vae): taming's autoencoder without a codebook (taming_vqgan.taming_blocks)
     {encoder,decoder}.norm_out              {encoder,decoder}.conv_norm_out (conv_in, conv_out, quant convs: same)
     encoder.down.b.block.j / .downsample    encoder.down_blocks.b.resnets.j / .downsamplers.0
     decoder.up.{L-1-b}.block.j / .upsample  decoder.up_blocks.b.resnets.j / .upsamplers.0   (LDM counts up from z)
@@ -65,15 +65,17 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Tuple
 
 import torch
 
-from weights_convert.common import (CheckpointError, PathLike, Rule, StateDict, _list, build_on_meta, check_shapes,
-                                    load_into, read_state_dict, rename_keys)
+from weights_convert.common import (SAME, Block, CheckpointError, Leaves, PathLike, StateDict, block_rules,
+                                    build_on_meta, check_blocks, check_shapes, count_indices, load_into,
+                                    read_state_dict, rename_keys, tensor_shape)
 from parti_from_scratch.configuration import ConfigError
 from parti_from_scratch.diffusion.schedule import check_betas
 from weights_convert.safe_unpickle import restricted_load
+from weights_convert.taming_vqgan import ATTENTION_CONV, taming_blocks
 
 UNET, VAE = "model.diffusion_model.", "first_stage_model."
 HF_CLIP, OPEN_CLIP = "cond_stage_model.transformer.", "cond_stage_model.model."
@@ -96,21 +98,14 @@ IGNORED: Tuple[Tuple[str, str], ...] = (
      "OpenCLIP's contrastive head (projection of the pooled text, temperature); SD reads the token states"),
 )
 
-# Leaf renames inside one block: (LDM name, diffusers/transformers name); SAME keeps every name below the block.
-Leaves = Tuple[Tuple[str, str], ...]
-SAME: Leaves = (("", ""),)
+# Leaf renames inside one block (common.Block): (LDM name, diffusers/transformers name).
 UNET_RESNET: Leaves = (("in_layers.0", "norm1"), ("in_layers.2", "conv1"), ("emb_layers.1", "time_emb_proj"),
                        ("out_layers.0", "norm2"), ("out_layers.3", "conv2"), ("skip_connection", "conv_shortcut"))
-VAE_RESNET: Leaves = (("norm1", "norm1"), ("conv1", "conv1"), ("norm2", "norm2"), ("conv2", "conv2"),
-                      ("nin_shortcut", "conv_shortcut"))
-VAE_ATTENTION: Leaves = (("norm", "group_norm"), ("q", "to_q"), ("k", "to_k"), ("v", "to_v"),
-                         ("proj_out", "to_out.0"))
 OPENCLIP_LAYER: Leaves = (("ln_1", "layer_norm1"), ("ln_2", "layer_norm2"), ("mlp.c_fc", "mlp.fc1"),
                           ("mlp.c_proj", "mlp.fc2"), ("attn.out_proj", "self_attn.out_proj"),
                           ("attn.q_proj", "self_attn.q_proj"), ("attn.k_proj", "self_attn.k_proj"),
                           ("attn.v_proj", "self_attn.v_proj"))  # q/k/v: the split in_proj, see _unpack
-# A block: (LDM prefix, our-side prefix "<component>.<diffusers prefix>", leaves).
-Block = Tuple[str, str, Leaves]
+# Blocks here: (LDM prefix, our-side prefix "<component>.<diffusers prefix>", leaves).
 
 # scheduler/scheduler_config.json of the Stable Diffusion v1.5 repository (PNDM, the scaled-linear schedule
 # beta_t = (sqrt(beta_start) + t/(T-1) (sqrt(beta_end) - sqrt(beta_start)))^2 that SD 1.x and 2.x were trained with)
@@ -121,18 +116,6 @@ PNDM_CONFIG = {"_class_name": "PNDMScheduler", "beta_start": 0.00085, "beta_end"
 
 # ------------------------------------------------------------------------------------------------ reading
 
-def _restricted_state_dict(path: Path) -> StateDict:
-    obj = restricted_load(path)
-    if isinstance(obj, Mapping) and isinstance(obj.get("state_dict"), Mapping):
-        obj = obj["state_dict"]
-    if not isinstance(obj, Mapping):
-        raise CheckpointError(f"{path}: expected a state_dict mapping names to tensors, found {type(obj).__name__}")
-    bad = [repr(k) for k, v in obj.items() if not (isinstance(k, str) and isinstance(v, torch.Tensor))]
-    if bad:
-        raise CheckpointError(f"{path}: state_dict entries that are not named tensors: {_list(bad)}")
-    return dict(obj)
-
-
 def read_ldm_checkpoint(path: PathLike) -> StateDict:
     """Every tensor of a `.safetensors` / `.ckpt` / `.pt` / `.bin` file, without running code from it.
 
@@ -142,30 +125,10 @@ def read_ldm_checkpoint(path: PathLike) -> StateDict:
     inert placeholders and refuses, with CheckpointError, any pickle that
     would call something. The `state_dict` entry is unwrapped.
     """
-    return read_state_dict(path, fallback=_restricted_state_dict)
+    return read_state_dict(path, fallback=restricted_load)
 
 
 # ------------------------------------------------------------------------------------ config inference
-
-def _shape(state: Mapping[str, torch.Tensor], key: str, source: str, *ranks: int) -> Tuple[int, ...]:
-    """The shape of `state[key]`, which must have one of `ranks` dimensions (4 for a conv, 2 for a linear)."""
-    if key not in state:
-        raise CheckpointError(f"{source}: missing key {key!r}, needed to infer the model's configuration")
-    shape = tuple(state[key].shape)
-    if len(shape) not in ranks:
-        raise CheckpointError(f"{source}: {key} has shape {shape}; expected {' or '.join(map(str, ranks))} "
-                              f"dimensions")
-    return shape
-
-
-def _count(keys: Iterable[str], pattern: str, source: str) -> int:
-    """How many indices i the keys matching `pattern` (one group: i) use; they must be 0..n-1."""
-    compiled = re.compile(pattern)
-    found = sorted({int(m[1]) for k in keys if (m := compiled.match(k))})
-    if found != list(range(len(found))):
-        raise CheckpointError(f"{source}: keys matching {pattern!r} use indices {found}, expected 0..{len(found) - 1}")
-    return len(found)
-
 
 def detect_version(state: Mapping[str, torch.Tensor], source: str = "checkpoint") -> str:
     """"1" if the text encoder is transformers' CLIP (SD 1.x), "2" if it is OpenCLIP (SD 2.x)."""
@@ -180,7 +143,7 @@ def detect_version(state: Mapping[str, torch.Tensor], source: str = "checkpoint"
 def _unet_config(state: Mapping[str, torch.Tensor], version: str, prediction_type: str, source: str) -> dict:
     downsamplers = re.compile(re.escape(UNET) + r"input_blocks\.\d+\.0\.op\.weight")
     levels = 1 + sum(1 for k in state if downsamplers.fullmatch(k))
-    n_out = _count(state, re.escape(UNET) + r"output_blocks\.(\d+)\.", source)
+    n_out = count_indices(state, re.escape(UNET) + r"output_blocks\.(\d+)\.", source)
     n = n_out // levels - 1
     if n < 1 or n_out != levels * (n + 1):
         raise CheckpointError(f"{source}: {n_out} UNet output blocks do not make {levels} levels of equal size")
@@ -189,20 +152,20 @@ def _unet_config(state: Mapping[str, torch.Tensor], version: str, prediction_typ
     attention_down = [any(f"{UNET}input_blocks.{i + j}.1.proj_in.weight" in state for j in range(n)) for i in first]
     attention_up = [any(f"{UNET}output_blocks.{b * (n + 1) + j}.1.proj_in.weight" in state for j in range(n + 1))
                     for b in range(levels)]
-    channels = [_shape(state, f"{UNET}input_blocks.{i}.0.out_layers.3.weight", source, 4)[0] for i in first]
-    proj_in = _shape(state, f"{UNET}middle_block.1.proj_in.weight", source, 2, 4)
+    channels = [tensor_shape(state, f"{UNET}input_blocks.{i}.0.out_layers.3.weight", source, 4)[0] for i in first]
+    proj_in = tensor_shape(state, f"{UNET}middle_block.1.proj_in.weight", source, 2, 4)
     v_model = version == "2" and prediction_type == "v_prediction"
     return {
         "sample_size": 96 if v_model else 64,  # latent side: 768 or 512 px / 8
-        "in_channels": _shape(state, UNET + "input_blocks.0.0.weight", source, 4)[1],
-        "out_channels": _shape(state, UNET + "out.2.weight", source, 4)[0],
+        "in_channels": tensor_shape(state, UNET + "input_blocks.0.0.weight", source, 4)[1],
+        "out_channels": tensor_shape(state, UNET + "out.2.weight", source, 4)[0],
         "down_block_types": ["CrossAttnDownBlock2D" if a else "DownBlock2D" for a in attention_down],
         "mid_block_type": "UNetMidBlock2DCrossAttn",
         "up_block_types": ["CrossAttnUpBlock2D" if a else "UpBlock2D" for a in attention_up],
         "block_out_channels": channels,
         "layers_per_block": n,
-        "cross_attention_dim": _shape(state, f"{UNET}middle_block.1.transformer_blocks.0.attn2.to_k.weight", source,
-                                      2)[1],
+        "cross_attention_dim": tensor_shape(state, f"{UNET}middle_block.1.transformer_blocks.0.attn2.to_k.weight",
+                                            source, 2)[1],
         # diffusers' name for the NUMBER of heads: SD 1.x has 8 everywhere, SD 2.x 64-dim heads per level
         "attention_head_dim": 8 if version == "1" else [c // HEAD_DIM for c in channels],
         "use_linear_projection": len(proj_in) == 2,  # SD 2.x: linear (C, C); SD 1.x: 1x1 conv (C, C, 1, 1)
@@ -212,18 +175,18 @@ def _unet_config(state: Mapping[str, torch.Tensor], version: str, prediction_typ
 
 
 def _vae_config(state: Mapping[str, torch.Tensor], latent_size: int, source: str) -> dict:
-    levels = _count(state, re.escape(VAE) + r"encoder\.down\.(\d+)\.", source)
-    n = _count(state, re.escape(VAE) + r"encoder\.down\.0\.block\.(\d+)\.", source)
+    levels = count_indices(state, re.escape(VAE) + r"encoder\.down\.(\d+)\.", source)
+    n = count_indices(state, re.escape(VAE) + r"encoder\.down\.0\.block\.(\d+)\.", source)
     return {
         "sample_size": latent_size * 2 ** (levels - 1),
-        "in_channels": _shape(state, VAE + "encoder.conv_in.weight", source, 4)[1],
-        "out_channels": _shape(state, VAE + "decoder.conv_out.weight", source, 4)[0],
+        "in_channels": tensor_shape(state, VAE + "encoder.conv_in.weight", source, 4)[1],
+        "out_channels": tensor_shape(state, VAE + "decoder.conv_out.weight", source, 4)[0],
         "down_block_types": ["DownEncoderBlock2D"] * levels,
         "up_block_types": ["UpDecoderBlock2D"] * levels,
-        "block_out_channels": [_shape(state, f"{VAE}encoder.down.{b}.block.{n - 1}.conv2.weight", source, 4)[0]
+        "block_out_channels": [tensor_shape(state, f"{VAE}encoder.down.{b}.block.{n - 1}.conv2.weight", source, 4)[0]
                                for b in range(levels)],
         "layers_per_block": n,
-        "latent_channels": _shape(state, VAE + "post_quant_conv.weight", source, 4)[0],
+        "latent_channels": tensor_shape(state, VAE + "post_quant_conv.weight", source, 4)[0],
         "act_fn": "silu", "norm_num_groups": 32, "scaling_factor": 0.18215,
     }
 
@@ -232,19 +195,20 @@ def _text_config(state: Mapping[str, torch.Tensor], version: str, source: str) -
     if version == "1":
         prefix = HF_CLIP + "text_model."
         embed, position = prefix + "embeddings.token_embedding.weight", prefix + "embeddings.position_embedding.weight"
-        layers = _count(state, re.escape(prefix) + r"encoder\.layers\.(\d+)\.", source)
+        layers = count_indices(state, re.escape(prefix) + r"encoder\.layers\.(\d+)\.", source)
         fc1 = prefix + "encoder.layers.0.mlp.fc1.weight"
     else:
         embed, position = OPEN_CLIP + "token_embedding.weight", OPEN_CLIP + "positional_embedding"
-        layers = _count(state, re.escape(OPEN_CLIP) + r"transformer\.resblocks\.(\d+)\.", source) - 1  # penultimate
+        # SD 2.x reads the penultimate layer: one block fewer than the file holds
+        layers = count_indices(state, re.escape(OPEN_CLIP) + r"transformer\.resblocks\.(\d+)\.", source) - 1
         fc1 = OPEN_CLIP + "transformer.resblocks.0.mlp.c_fc.weight"
-    vocab_size, hidden_size = _shape(state, embed, source, 2)
+    vocab_size, hidden_size = tensor_shape(state, embed, source, 2)
     return {
         "vocab_size": vocab_size, "hidden_size": hidden_size,
-        "intermediate_size": _shape(state, fc1, source, 2)[0],
+        "intermediate_size": tensor_shape(state, fc1, source, 2)[0],
         "num_hidden_layers": layers,
         "num_attention_heads": hidden_size // HEAD_DIM,
-        "max_position_embeddings": _shape(state, position, source, 2)[0],
+        "max_position_embeddings": tensor_shape(state, position, source, 2)[0],
         "hidden_act": "quick_gelu" if version == "1" else "gelu",  # OpenAI's x*sigmoid(1.702x); OpenCLIP's exact GELU
         "layer_norm_eps": 1e-5,
     }
@@ -386,28 +350,10 @@ def _unet_blocks(config: Mapping[str, Any]) -> List[Block]:
 
 
 def _vae_blocks(config: Mapping[str, Any]) -> List[Block]:
-    n, levels = config["layers_per_block"], len(config["down_block_types"])
-
-    def block(ldm: str, ours: str, leaves: Leaves = SAME) -> Block:
-        return VAE + ldm, "vae." + ours, leaves
-
-    blocks = [block("quant_conv", "quant_conv"), block("post_quant_conv", "post_quant_conv")]
-    for half in ("encoder", "decoder"):
-        blocks += [block(f"{half}.conv_in", f"{half}.conv_in"), block(f"{half}.conv_out", f"{half}.conv_out"),
-                   block(f"{half}.norm_out", f"{half}.conv_norm_out"),
-                   block(f"{half}.mid.block_1", f"{half}.mid_block.resnets.0", VAE_RESNET),
-                   block(f"{half}.mid.attn_1", f"{half}.mid_block.attentions.0", VAE_ATTENTION),
-                   block(f"{half}.mid.block_2", f"{half}.mid_block.resnets.1", VAE_RESNET)]
-    for b in range(levels):
-        up = levels - 1 - b  # LDM numbers decoder levels from the latent up, diffusers from the latent down
-        blocks += [block(f"encoder.down.{b}.block.{j}", f"encoder.down_blocks.{b}.resnets.{j}", VAE_RESNET)
-                   for j in range(n)]
-        blocks += [block(f"decoder.up.{up}.block.{j}", f"decoder.up_blocks.{b}.resnets.{j}", VAE_RESNET)
-                   for j in range(n + 1)]
-        if b < levels - 1:
-            blocks += [block(f"encoder.down.{b}.downsample.conv", f"encoder.down_blocks.{b}.downsamplers.0.conv"),
-                       block(f"decoder.up.{up}.upsample.conv", f"decoder.up_blocks.{b}.upsamplers.0.conv")]
-    return blocks
+    """LDM's first stage is taming's autoencoder (taming_vqgan.taming_blocks) without a codebook, under VAE."""
+    plain = [False] * len(config["down_block_types"])  # attention only in the mid blocks
+    return [(VAE + theirs, "vae." + ours, leaves)
+            for theirs, ours, leaves in taming_blocks(config["layers_per_block"], plain, plain, codebook=None)]
 
 
 def _text_blocks(config: Mapping[str, Any], version: str) -> List[Block]:
@@ -436,31 +382,8 @@ def _ignored(configs: Mapping[str, Any]) -> List[Tuple[str, str]]:
     return ignore
 
 
-def _rules(blocks: Sequence[Block], reverse: bool = False) -> List[Rule]:
-    """rename_keys rules: a key `<block>.<leaf>[.rest]` becomes `<other block>.<other leaf>[.rest]`."""
-    rules = []
-    for ldm, ours, leaves in blocks:
-        for ldm_leaf, our_leaf in leaves:
-            source, target = f"{ldm}.{ldm_leaf}".rstrip("."), f"{ours}.{our_leaf}".rstrip(".")
-            if reverse:
-                source, target = target, source
-            rules.append((re.escape(source) + r"((?:\..+)?)", target + r"\g<1>"))
-    return rules
-
-
-def _check_blocks(blocks: Sequence[Block], out: Mapping[str, torch.Tensor], reverse: bool, source: str) -> None:
-    """Every block of the config must have received tensors (catches a checkpoint missing a whole layer)."""
-    present = set()
-    for key in out:
-        parts = key.split(".")
-        present.update(".".join(parts[:i]) for i in range(1, len(parts) + 1))
-    missing = [(ours if reverse else ldm) for ldm, ours, _ in blocks if (ldm if reverse else ours) not in present]
-    if missing:
-        raise CheckpointError(f"{source}: no tensors for these parts of the model: {_list(missing)}")
-
-
 # LDM-side reshapes, so that everything else is a rename.
-_VAE_ATTENTION_WEIGHT = re.compile(re.escape(VAE) + r"(?:encoder|decoder)\.mid\.attn_1\.(?:q|k|v|proj_out)\.weight")
+_VAE_ATTENTION_WEIGHT = re.compile(re.escape(VAE) + ATTENTION_CONV.pattern)
 _IN_PROJ = re.compile(re.escape(OPEN_CLIP) + r"(transformer\.resblocks\.\d+\.attn)\.in_proj_(weight|bias)")
 _QKV = re.compile(re.escape(OPEN_CLIP) + r"(transformer\.resblocks\.\d+\.attn)\.([qkv])_proj\.(weight|bias)")
 
@@ -522,8 +445,8 @@ def ldm_to_diffusers(state: Mapping[str, torch.Tensor], configs: Optional[Mappin
     """
     configs = configs or infer_configs(state, source=source)
     blocks = _blocks(configs)
-    tagged = rename_keys(_unpack(state, source), _rules(blocks), _ignored(configs), source=source)
-    _check_blocks(blocks, tagged, reverse=False, source=source)
+    tagged = rename_keys(_unpack(state, source), block_rules(blocks), _ignored(configs), source=source)
+    check_blocks(blocks, tagged, reverse=False, source=source)
     return _split(tagged)
 
 
@@ -533,15 +456,15 @@ def _structure(unet: Mapping[str, Any], vae: Mapping[str, Any], text: Mapping[st
     def kinds(prefix: str, levels: int, attention: str, plain: str) -> List[str]:
         return [attention if any(k.startswith(f"{prefix}.{b}.attentions.") for k in unet) else plain
                 for b in range(levels)]
-    levels = _count(unet, r"down_blocks\.(\d+)\.", source)
-    vae_levels = _count(vae, r"encoder\.down_blocks\.(\d+)\.", source)
+    levels = count_indices(unet, r"down_blocks\.(\d+)\.", source)
+    vae_levels = count_indices(vae, r"encoder\.down_blocks\.(\d+)\.", source)
     return {"version": version,
-            "unet": {"layers_per_block": _count(unet, r"down_blocks\.0\.resnets\.(\d+)\.", source),
+            "unet": {"layers_per_block": count_indices(unet, r"down_blocks\.0\.resnets\.(\d+)\.", source),
                      "down_block_types": kinds("down_blocks", levels, "CrossAttnDownBlock2D", "DownBlock2D"),
                      "up_block_types": kinds("up_blocks", levels, "CrossAttnUpBlock2D", "UpBlock2D")},
-            "vae": {"layers_per_block": _count(vae, r"encoder\.down_blocks\.0\.resnets\.(\d+)\.", source),
+            "vae": {"layers_per_block": count_indices(vae, r"encoder\.down_blocks\.0\.resnets\.(\d+)\.", source),
                     "down_block_types": ["DownEncoderBlock2D"] * vae_levels},
-            "text_encoder": {"num_hidden_layers": _count(text, r"text_model\.encoder\.layers\.(\d+)\.", source)}}
+            "text_encoder": {"num_hidden_layers": count_indices(text, r"text_model\.encoder\.layers\.(\d+)\.", source)}}
 
 
 def diffusers_to_ldm(unet: Mapping[str, torch.Tensor], vae: Mapping[str, torch.Tensor],
@@ -562,8 +485,8 @@ def diffusers_to_ldm(unet: Mapping[str, torch.Tensor], vae: Mapping[str, torch.T
     blocks = _blocks(configs)
     tagged = {f"{component}.{key}": tensor for component, part in zip(COMPONENTS, (unet, vae, text))
               for key, tensor in part.items()}
-    state = _pack(rename_keys(tagged, _rules(blocks, reverse=True), source=source), source)
-    _check_blocks(blocks, state, reverse=True, source=source)
+    state = _pack(rename_keys(tagged, block_rules(blocks, reverse=True), source=source), source)
+    check_blocks(blocks, state, reverse=True, source=source)
     if version == "2":
         last = configs["text_encoder"]["num_hidden_layers"]
         template = re.compile(rf"{re.escape(OPEN_CLIP)}transformer\.resblocks\.{last - 1}\.(.+)")

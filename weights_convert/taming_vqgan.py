@@ -6,8 +6,11 @@ next to training state (epoch, optimizer states, callback objects). Reading:
 `torch.load(weights_only=True)` first; a file it refuses because of framework
 objects goes through `safe_unpickle.restricted_load`, which turns them into
 inert placeholders and refuses, naming the file and the global, any pickle
-that would call something (`ldm_checkpoint.read_ldm_checkpoint`: LDM's
-first-stage models are this same autoencoder).
+that would call something.
+
+LDM's first-stage models (Stable Diffusion's VAE included) are this same
+autoencoder, with a Gaussian posterior instead of the codebook:
+`ldm_checkpoint` renames their keys by `taming_blocks` too.
 
 Key layout (taming/modules/diffusionmodules/model.py; LDM's autoencoder keeps
 it), L levels, level b, resnet j, n = num_res_blocks, diffusers' names on the right:
@@ -41,11 +44,11 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 import torch
 
 from parti_from_scratch.configuration import ConfigError
-from weights_convert.common import (CheckpointError, PathLike, StateDict, build_on_meta, check_shapes, load_into,
-                                    rename_keys)
+from weights_convert.common import (SAME, Block, CheckpointError, Leaves, PathLike, StateDict, block_rules,
+                                    build_on_meta, check_blocks, check_shapes, count_indices, load_into,
+                                    read_state_dict, rename_keys, tensor_shape)
 from weights_convert.diffusers_models import from_diffusers, to_diffusers
-from weights_convert.ldm_checkpoint import (SAME, VAE_ATTENTION, VAE_RESNET, Block, _check_blocks, _count, _rules,
-                                            _shape, read_ldm_checkpoint)
+from weights_convert.safe_unpickle import restricted_load
 
 # Keys of a taming VQGAN checkpoint that the tokenizer does not need, with the reason.
 LOSS_KEYS: Tuple[Tuple[str, str], ...] = (
@@ -54,6 +57,10 @@ LOSS_KEYS: Tuple[Tuple[str, str], ...] = (
 NORM_GROUPS = 32           # taming's Normalize: GroupNorm(32, C, eps=1e-6)
 DEFAULT_SAMPLE_SIZE = 256  # vqgan_imagenet_f16_* and min-dalle's detokenizer work on 256x256 images
 HALVES = ("encoder", "decoder")
+# Leaf renames inside taming's blocks: (taming name, diffusers name).
+RESNET: Leaves = (("norm1", "norm1"), ("conv1", "conv1"), ("norm2", "norm2"), ("conv2", "conv2"),
+                  ("nin_shortcut", "conv_shortcut"))
+ATTENTION: Leaves = (("norm", "group_norm"), ("q", "to_q"), ("k", "to_k"), ("v", "to_v"), ("proj_out", "to_out.0"))
 
 
 def _attention_levels(keys: Sequence[str], half: str, levels: int) -> List[bool]:
@@ -70,72 +77,80 @@ def infer_vq_config(state: Mapping[str, torch.Tensor], source: str, codebook: st
     decoder_only: the file holds decoder, post_quant_conv and codebook only (in_channels is then 3).
     """
     keys = list(state)
-    levels = _count(keys, r"decoder\.up\.(\d+)\.", source)
-    n = _count(keys, r"decoder\.up\.0\.block\.(\d+)\.", source) - 1
+    levels = count_indices(keys, r"decoder\.up\.(\d+)\.", source)
+    n = count_indices(keys, r"decoder\.up\.0\.block\.(\d+)\.", source) - 1
     if levels < 1 or n < 1:
         raise CheckpointError(f"{source}: no decoder levels with resnets found (keys decoder.up.<b>.block.<j>.*)")
     up_attention = _attention_levels(keys, "decoder", levels)
     config = {
         "in_channels": 3,
-        "out_channels": _shape(state, "decoder.conv_out.weight", source, 4)[0],
+        "out_channels": tensor_shape(state, "decoder.conv_out.weight", source, 4)[0],
         # taming level b has width ch * ch_mult[b]; its decoder level's resnets end at that width
-        "block_out_channels": [_shape(state, f"decoder.up.{b}.block.{n}.conv2.weight", source, 4)[0]
+        "block_out_channels": [tensor_shape(state, f"decoder.up.{b}.block.{n}.conv2.weight", source, 4)[0]
                                for b in range(levels)],
         "layers_per_block": n,
         "down_block_types": ["DownEncoderBlock2D"] * levels,
         # diffusers lists decoder levels deepest first: its up_blocks.i is taming's up.(L-1-i)
         "up_block_types": ["AttnUpDecoderBlock2D" if up_attention[levels - 1 - i] else "UpDecoderBlock2D"
                            for i in range(levels)],
-        "latent_channels": _shape(state, "post_quant_conv.weight", source, 4)[0],
-        "num_vq_embeddings": _shape(state, f"{codebook}.weight", source, 2)[0],
-        "vq_embed_dim": _shape(state, f"{codebook}.weight", source, 2)[1],
+        "latent_channels": tensor_shape(state, "post_quant_conv.weight", source, 4)[0],
+        "num_vq_embeddings": tensor_shape(state, f"{codebook}.weight", source, 2)[0],
+        "vq_embed_dim": tensor_shape(state, f"{codebook}.weight", source, 2)[1],
         "norm_num_groups": NORM_GROUPS,
         "mid_block_add_attention": any(k.startswith("decoder.mid.attn_1.") for k in keys),
         "sample_size": sample_size,
         "act_fn": "silu",
     }
     if not decoder_only:
-        encoder_levels = _count(keys, r"encoder\.down\.(\d+)\.", source)
+        encoder_levels = count_indices(keys, r"encoder\.down\.(\d+)\.", source)
         if encoder_levels != levels:
             raise CheckpointError(f"{source}: the encoder has {encoder_levels} levels (encoder.down.<b>), the decoder "
                                   f"{levels} (decoder.up.<b>)")
-        config["in_channels"] = _shape(state, "encoder.conv_in.weight", source, 4)[1]
+        config["in_channels"] = tensor_shape(state, "encoder.conv_in.weight", source, 4)[1]
         config["down_block_types"] = ["AttnDownEncoderBlock2D" if a else "DownEncoderBlock2D"
                                       for a in _attention_levels(keys, "encoder", levels)]
     return config
 
 
-def taming_blocks(config, codebook: str = "quantize.embedding", halves: Sequence[str] = HALVES) -> List[Block]:
-    """(taming prefix, diffusers prefix, leaf renames) for every block of a VQModel `config` in `halves`."""
-    n, levels = config.layers_per_block, len(config.block_out_channels)
-    blocks: List[Block] = [("post_quant_conv", "post_quant_conv", SAME), (codebook, "quantize.embedding", SAME)]
+def taming_blocks(layers_per_block: int, down_attention: Sequence[bool], up_attention: Sequence[bool],
+                  mid_attention: bool = True, codebook: Optional[str] = "quantize.embedding",
+                  halves: Sequence[str] = HALVES) -> List[Block]:
+    """(taming prefix, diffusers prefix, leaf renames) for every block of a taming autoencoder's `halves`.
+
+    down_attention, up_attention: per level in diffusers' order (encoder levels shallowest first, decoder
+        levels deepest first), whether its resnets are followed by attention; L = len(up_attention).
+    mid_attention: whether the mid blocks have their attention (mid.attn_1).
+    codebook: the codebook's name in the file, or None for an autoencoder without one (LDM's KL autoencoder).
+    """
+    n, levels = layers_per_block, len(up_attention)
+    blocks: List[Block] = [("post_quant_conv", "post_quant_conv", SAME)]
+    if codebook is not None:
+        blocks.append((codebook, "quantize.embedding", SAME))
     if "encoder" in halves:
         blocks.append(("quant_conv", "quant_conv", SAME))
     for half in halves:
         blocks += [(f"{half}.conv_in", f"{half}.conv_in", SAME), (f"{half}.conv_out", f"{half}.conv_out", SAME),
                    (f"{half}.norm_out", f"{half}.conv_norm_out", SAME),
-                   (f"{half}.mid.block_1", f"{half}.mid_block.resnets.0", VAE_RESNET),
-                   (f"{half}.mid.block_2", f"{half}.mid_block.resnets.1", VAE_RESNET)]
-        if config.mid_block_add_attention:
-            blocks.append((f"{half}.mid.attn_1", f"{half}.mid_block.attentions.0", VAE_ATTENTION))
+                   (f"{half}.mid.block_1", f"{half}.mid_block.resnets.0", RESNET),
+                   (f"{half}.mid.block_2", f"{half}.mid_block.resnets.1", RESNET)]
+        if mid_attention:
+            blocks.append((f"{half}.mid.attn_1", f"{half}.mid_block.attentions.0", ATTENTION))
     for b in range(levels):
         if "encoder" in halves:
             ours = f"encoder.down_blocks.{b}"
-            attention = config.down_block_types[b].startswith("Attn")
             for j in range(n):
-                blocks.append((f"encoder.down.{b}.block.{j}", f"{ours}.resnets.{j}", VAE_RESNET))
-                if attention:
-                    blocks.append((f"encoder.down.{b}.attn.{j}", f"{ours}.attentions.{j}", VAE_ATTENTION))
+                blocks.append((f"encoder.down.{b}.block.{j}", f"{ours}.resnets.{j}", RESNET))
+                if down_attention[b]:
+                    blocks.append((f"encoder.down.{b}.attn.{j}", f"{ours}.attentions.{j}", ATTENTION))
             if b < levels - 1:
                 blocks.append((f"encoder.down.{b}.downsample.conv", f"{ours}.downsamplers.0.conv", SAME))
         if "decoder" in halves:
             i = levels - 1 - b  # taming's up.b is diffusers' up_blocks.(L-1-b)
             ours = f"decoder.up_blocks.{i}"
-            attention = config.up_block_types[i].startswith("Attn")
             for j in range(n + 1):
-                blocks.append((f"decoder.up.{b}.block.{j}", f"{ours}.resnets.{j}", VAE_RESNET))
-                if attention:
-                    blocks.append((f"decoder.up.{b}.attn.{j}", f"{ours}.attentions.{j}", VAE_ATTENTION))
+                blocks.append((f"decoder.up.{b}.block.{j}", f"{ours}.resnets.{j}", RESNET))
+                if up_attention[i]:
+                    blocks.append((f"decoder.up.{b}.attn.{j}", f"{ours}.attentions.{j}", ATTENTION))
             if b > 0:
                 blocks.append((f"decoder.up.{b}.upsample.conv", f"{ours}.upsamplers.0.conv", SAME))
     return blocks
@@ -151,7 +166,7 @@ def expected_file_shapes(model, blocks: Sequence[Block]) -> Dict[str, Tuple[int,
     Our names -> diffusers' -> taming's, by the same block rules read in reverse, so a missing or
     misshapen tensor is reported under the name it has (or should have) in the file.
     """
-    theirs = rename_keys(to_diffusers(model.state_dict()), _rules(blocks, reverse=True), source="model")
+    theirs = rename_keys(to_diffusers(model.state_dict()), block_rules(blocks, reverse=True), source="model")
     return {k: tuple(v.shape) + ((1, 1) if ATTENTION_CONV.fullmatch(k) else ()) for k, v in theirs.items()}
 
 
@@ -172,12 +187,14 @@ def taming_to_ours(state: Mapping[str, torch.Tensor], source: str, codebook: str
     except ConfigError as e:
         raise CheckpointError(str(e)) from None
     model = build_on_meta(lambda: VQModel(config, decoder_only=decoder_only))
-    blocks = taming_blocks(config, codebook, ("decoder",) if decoder_only else HALVES)
+    blocks = taming_blocks(config.layers_per_block, [t.startswith("Attn") for t in config.down_block_types],
+                           [t.startswith("Attn") for t in config.up_block_types], config.mid_block_add_attention,
+                           codebook, ("decoder",) if decoder_only else HALVES)
     ignored = [re.compile(pattern) for pattern, _ in ignore]
     used = {k: v for k, v in state.items() if not any(p.fullmatch(k) for p in ignored)}
     check_shapes(expected_file_shapes(model, blocks), used, source)
-    renamed = rename_keys(state, _rules(blocks), ignore, source=source)
-    _check_blocks(blocks, renamed, reverse=False, source=source)
+    renamed = rename_keys(state, block_rules(blocks), ignore, source=source)
+    check_blocks(blocks, renamed, reverse=False, source=source)
     return model, from_diffusers(renamed, source=source)
 
 
@@ -196,4 +213,5 @@ def load_taming_vqgan(path: PathLike, dtype: Optional[torch.dtype] = torch.float
     without running code from it; `loss.*` is ignored (LOSS_KEYS); every other
     tensor must fill exactly one parameter of the inferred configuration.
     """
-    return build_vq_model(read_ldm_checkpoint(path), str(path), dtype, sample_size=sample_size)
+    state = read_state_dict(path, fallback=restricted_load)  # the state_dict, unwrapped from the Lightning checkpoint
+    return build_vq_model(state, str(path), dtype, sample_size=sample_size)
