@@ -47,17 +47,18 @@ def squared_distances(z: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
     """||z_i - e_k||^2 for every vector z_i and every code e_k.
 
     Expanded as ||z_i||^2 - 2 z_i . e_k + ||e_k||^2, so the (n, K) table costs one
-    matrix product instead of an (n, K, d) tensor of differences.
+    matrix product instead of an (n, K, d) tensor of differences. The product,
+    its factor -2 and the ||e_k||^2 term are one `addmm` (||e||^2 + (-2) z e^T),
+    and ||z_i||^2 is added in place: one (n, K) tensor is allocated, not three.
 
     z: (n, d), codebook: (K, d) -> (n, K)
     """
     # ||z_i||^2: (n, 1)
     z_sq = z.pow(2).sum(dim=-1, keepdim=True)
-    # ||e_k||^2: (K,)
+    # ||e_k||^2: (K,), broadcast over the rows
     e_sq = codebook.pow(2).sum(dim=-1)
-    # - 2 z_i . e_k: (n, K)
-    cross = -2 * z @ codebook.T
-    return z_sq + cross + e_sq
+    # ||e_k||^2 - 2 z_i . e_k, then + ||z_i||^2: (n, K)
+    return torch.addmm(e_sq, z, codebook.T, alpha=-2).add_(z_sq)
 
 
 def nearest_code(z: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
