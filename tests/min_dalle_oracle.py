@@ -32,7 +32,7 @@ MIN_DALLE_CODES = 2 ** 14              # min-dalle samples only the first 2**14 
 
 @pytest.fixture(autouse=True, scope="module")
 def one_thread():
-    """Tiny models gain nothing from intra-op threads, and on a busy machine idle threads spin: use one, then restore."""
+    """One intra-op thread: tiny models gain nothing from more, and on a busy machine idle threads spin."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield

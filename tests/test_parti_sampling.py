@@ -117,10 +117,10 @@ def test_filtered_distribution():
     their probabilities (e^6, e^6, e^4, e^4) / (2 e^6 + 2 e^4) run up to 0.44, 0.88, 0.94, 1:
     top-p 0.85 keeps the two 6s, top-p 0.9 all four (the 4s are tied)."""
     e = math.e
-    assert_distribution(filtered_distribution(TIES, 0.5, top_k=3)[0], closed_form([e ** 6, 0, e ** 6, e ** 4, e ** 4, 0]))
+    kept = closed_form([e ** 6, 0, e ** 6, e ** 4, e ** 4, 0])
+    assert_distribution(filtered_distribution(TIES, 0.5, top_k=3)[0], kept)
     assert_distribution(filtered_distribution(TIES, 0.5, top_k=3, top_p=0.85)[0], closed_form([1, 0, 1, 0, 0, 0]))
-    assert_distribution(filtered_distribution(TIES, 0.5, top_k=3, top_p=0.9)[0],
-                        closed_form([e ** 6, 0, e ** 6, e ** 4, e ** 4, 0]))
+    assert_distribution(filtered_distribution(TIES, 0.5, top_k=3, top_p=0.9)[0], kept)
     assert_distribution(filtered_distribution(TIES)[0], closed_form([e ** v for v in TIES[0].tolist()]))
 
 

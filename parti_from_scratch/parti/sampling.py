@@ -1,6 +1,6 @@
 """Writing an image token by token: guidance, temperature, top-k, top-p and the cached generation loop.
 
-Parti (Yu et al. 2022, arXiv 2206.10789, §3) samples each image token from the
+Parti (Yu et al. 2022, arXiv 2206.10789, §2) samples each image token from the
 decoder's distribution after classifier-free guidance on the logits,
 
     l = l_uncond + lambda (l_cond - l_uncond)                  (lambda = 1.2 in the paper)

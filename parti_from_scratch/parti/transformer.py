@@ -1,4 +1,7 @@
-"""Parti's encoder-decoder Transformer: text tokens in, image-token logits out (Yu et al. 2022, arXiv 2206.10789, §2.2).
+"""Parti's encoder-decoder Transformer: text tokens in, image-token logits out.
+
+Yu et al. 2022, arXiv 2206.10789, §2 (the model). The tutorial calls Parti a diffusion model; this is
+the real one (README, "The real Parti").
 
 The encoder reads the prompt; the decoder writes the image tokens of the
 tokenizer's grid in raster order, attending causally to the tokens already
