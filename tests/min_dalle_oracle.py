@@ -50,7 +50,7 @@ def import_min_dalle():
     return models
 
 
-def randomize_(module: nn.Module, seed: int, std: float = 0.2) -> nn.Module:
+def randomize_(module: nn.Module, seed: int, std: float = 0.15) -> nn.Module:
     """Every parameter drawn at random (LayerNorm weights around 1), so no term of the forward pass is trivial."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
