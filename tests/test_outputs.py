@@ -102,3 +102,40 @@ def test_pipeline_output(pipe):
     check_reads_alike(out, [("images", out.images)])
     (images,) = out
     assert images.shape == (1, 64, 64, 3)
+
+
+def _output_classes():
+    """Every dataclass named *Output defined in the package (imported module by module)."""
+    import importlib
+    import pkgutil
+
+    import parti_from_scratch
+    found = {}
+    for info in pkgutil.walk_packages(parti_from_scratch.__path__, "parti_from_scratch."):
+        if info.name.endswith("__main__"):
+            continue
+        module = importlib.import_module(info.name)
+        for name, value in vars(module).items():
+            if (isinstance(value, type) and name.endswith("Output") and dataclasses.is_dataclass(value)
+                    and value.__module__ == module.__name__):
+                found[f"{module.__name__}.{name}"] = value
+    return found
+
+
+def test_every_output_dataclass_reads_alike():
+    """No output class of the package (the Parti chapter's included) is left out of ModelOutput."""
+    classes = _output_classes()
+    assert "parti_from_scratch.parti.quantize.VectorQuantizerOutput" in classes and len(classes) >= 10
+    for name, cls in classes.items():
+        assert issubclass(cls, ModelOutput), name
+        values = {f.name: torch.full((1,), float(i)) for i, f in enumerate(dataclasses.fields(cls))}
+        check_reads_alike(cls(**values), list(values.items()))
+
+
+def test_vector_quantizer_output_from_a_real_forward():
+    from parti_from_scratch.parti.quantize import VectorQuantizer
+    torch.manual_seed(0)
+    out = VectorQuantizer(num_embeddings=8, embedding_dim=4)(torch.randn(2, 4, 3, 3))
+    check_reads_alike(out, [(f.name, getattr(out, f.name)) for f in dataclasses.fields(out)])
+    z_q, indices, loss, perplexity = out
+    assert indices.shape == (2, 3, 3) and z_q.shape == (2, 4, 3, 3)

@@ -36,6 +36,8 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
+from parti_from_scratch.outputs import ModelOutput
+
 _LAYOUTS = "a channels-first map (batch, channels, h, w) or a sequence (batch, n, channels)"
 
 
@@ -299,8 +301,8 @@ class VectorQuantizerConfig:
 
 
 @dataclass
-class VectorQuantizerOutput:
-    """What `VectorQuantizer.forward` returns."""
+class VectorQuantizerOutput(ModelOutput):
+    """What `VectorQuantizer.forward` returns (by name, or by position: `z_q, k, loss, ppl = out`)."""
     quantized: torch.Tensor     # z_q, straight-through, projected back out; same shape as the input
     indices: torch.Tensor       # k*, (batch, h, w) for a map, (batch, n) for a sequence
     loss: torch.Tensor          # Eq. 3 (paper or legacy form; only the commitment term with an EMA codebook)
