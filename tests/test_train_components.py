@@ -12,7 +12,9 @@ from parti_from_scratch.train.components import (LatentCaptionDataset, caption_d
                                                  clip_loss_fn, build_clip, build_unet, build_vae, make_unet_loss,
                                                  training_scheduler)
 from parti_from_scratch.train.components.vae import finetune_decoder, image_collate, vae_loss_fn_with
-from parti_from_scratch.train.default_recipe import tiny_recipe, train_default
+from parti_from_scratch.train.default_recipe import smoke_recipe, train_default
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _first_last(history, k=3):
@@ -27,7 +29,7 @@ def _config(tmp_path, steps, batch_size=16, lr=2e-3):
 
 def test_clip_contrastive_loss_decreases(tmp_path):
     from parti_from_scratch.clip.tokenizer import CLIPTokenizer
-    recipe = tiny_recipe()
+    recipe = smoke_recipe()
     data = ShapesDataset("train", size=16, seed=0)
     result = train(build_clip(recipe.clip), clip_loss_fn, data, _config(tmp_path, 30),
                    collate=clip_collate(CLIPTokenizer()))
@@ -38,7 +40,7 @@ def test_clip_contrastive_loss_decreases(tmp_path):
 
 def test_vae_reconstruction_plus_kl_loss_decreases(tmp_path):
     data = ShapesDataset("train", size=16, seed=0)
-    result = train(build_vae(tiny_recipe().vae), vae_loss_fn_with(1e-4), data, _config(tmp_path, 30, 8),
+    result = train(build_vae(smoke_recipe().vae), vae_loss_fn_with(1e-4), data, _config(tmp_path, 30, 8),
                    collate=image_collate)
     first, last = _first_last(result.history)
     assert last < 0.7 * first, (first, last)
@@ -47,7 +49,7 @@ def test_vae_reconstruction_plus_kl_loss_decreases(tmp_path):
 def test_decoder_finetuning_of_a_frozen_vae_trains_the_decoder_only(tmp_path):
     """A trained VAE comes back frozen (an EMA copy); the second stage still trains its decoder, not its encoder."""
     data = ShapesDataset("train", size=16, seed=0)
-    vae = build_vae(tiny_recipe().vae).eval().requires_grad_(False)
+    vae = build_vae(smoke_recipe().vae).eval().requires_grad_(False)
     vae.config.scaling_factor = 0.5
     tuned, _ = finetune_decoder(vae, data, _config(tmp_path, 3, 8))
     before, after = vae.state_dict(), tuned.state_dict()
@@ -65,7 +67,7 @@ def _latent_dataset(n=16, d=32):
 
 
 def test_unet_l_simple_decreases(tmp_path):
-    recipe = tiny_recipe()
+    recipe = smoke_recipe()
     data = _latent_dataset()
     loss_fn = make_unet_loss(training_scheduler(recipe.noise_schedule).alpha_bar, torch.zeros(77, 32), 1.0)
     result = train(build_unet(recipe.unet), loss_fn, data, _config(tmp_path, 40, 16, 3e-3))
@@ -91,7 +93,7 @@ def test_caption_dropout_feeds_the_empty_prompt_states():
     batch_size = 200
     c = torch.randn(batch_size, 77, 8)
     empty = torch.full((77, 8), 7.0)
-    alpha_bar = training_scheduler(tiny_recipe().noise_schedule).alpha_bar
+    alpha_bar = training_scheduler(smoke_recipe().noise_schedule).alpha_bar
     loss_fn = make_unet_loss(alpha_bar, empty, 1.0, p_uncond=0.1)
     mean = torch.zeros(batch_size, 4, 8, 8)
     _, metrics = loss_fn(fake_unet, (mean, torch.zeros_like(mean), c), StepRNG(3, 0, batch_size, slice(None)))
@@ -121,7 +123,7 @@ def test_caption_dropout_feeds_the_empty_prompt_ids_to_a_trained_text_encoder():
     batch_size = 200
     ids = torch.randint(10, 100, (batch_size, 77))
     empty = torch.full((77,), 7)
-    loss_fn = make_unet_loss(training_scheduler(tiny_recipe().noise_schedule).alpha_bar, empty, 1.0, p_uncond=0.1)
+    loss_fn = make_unet_loss(training_scheduler(smoke_recipe().noise_schedule).alpha_bar, empty, 1.0, p_uncond=0.1)
     mean = torch.zeros(batch_size, 4, 8, 8)
     _, metrics = loss_fn(model, (mean, torch.zeros_like(mean), ids), StepRNG(3, 0, batch_size, slice(None)))
     dropped = (model.text_encoder.ids == 7).all(dim=1)
@@ -133,7 +135,7 @@ def test_caption_dropout_feeds_the_empty_prompt_ids_to_a_trained_text_encoder():
 def test_train_default_with_text_encoder_finetuning_ships_the_finetuned_encoder(tmp_path):
     from parti_from_scratch.clip.model import CLIPModel, CLIPTextModel
 
-    recipe = tiny_recipe()
+    recipe = smoke_recipe()
     recipe.finetune_text_encoder = True
     recipe.unet_training.lr = 1e-2
     folder = train_default(tmp_path / "run", recipe, device="cpu", progress=False)
@@ -166,11 +168,11 @@ def test_drop_colour_words_removes_only_colours_with_probability_p():
     assert 0.18 < sum(a != b for a, b in zip(some, captions)) / len(captions) < 0.32
 
 
-def test_train_default_tiny_recipe_writes_a_loadable_pipeline(tmp_path):
+def test_train_default_smoke_recipe_writes_a_loadable_pipeline(tmp_path):
     from parti_from_scratch.data import VOCABULARY
     from parti_from_scratch.pipeline import TextToImagePipeline
 
-    folder = train_default(tmp_path / "run", tiny_recipe(), device="cpu", progress=False)
+    folder = train_default(tmp_path / "run", smoke_recipe(), device="cpu", progress=False)
     for name in ("model_index.json", "vocabulary.txt", "recipe.json", "RECIPE.md", "unet", "vae", "text_encoder",
                  "tokenizer", "scheduler"):
         assert (folder / name).exists(), name
@@ -184,7 +186,7 @@ def test_train_default_tiny_recipe_writes_a_loadable_pipeline(tmp_path):
     assert image.shape == (1, 64, 64, 3) and torch.isfinite(torch.from_numpy(image)).all()
 
     # the UNet alone, reusing the CLIP and VAE trained above
-    again = train_default(tmp_path / "unet_only", tiny_recipe(), components=("unet",), clip_dir=tmp_path / "run",
+    again = train_default(tmp_path / "unet_only", smoke_recipe(), components=("unet",), clip_dir=tmp_path / "run",
                           vae_dir=tmp_path / "run" / "vae" / "model", device="cpu", progress=False)
     assert (again / "model_index.json").is_file()
 

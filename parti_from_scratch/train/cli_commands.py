@@ -1,7 +1,7 @@
 """The `train` and `eval` commands of `parti-from-scratch` (see cli.py for the parser).
 
-    train [all|clip|vae|unet] --out DIR [--steps N] [--batch-size B] [--seed S] [--resume latest|PATH]
-          [--device cpu|cuda|auto] [--precision fp32|bf16|fp16] [--clip DIR] [--vae DIR]
+    train [all|clip|vae|unet] --out DIR [--tiny] [--steps N] [--batch-size B] [--seed S] [--keep N]
+          [--resume latest|PATH] [--device cpu|cuda|auto] [--precision fp32|bf16|fp16] [--clip DIR] [--vae DIR]
     eval [--model PATH] [--prompts heldout_single|single|pair|heldout_pair|FILE] [--n N]
          [--steps S] [--guidance W] [--seed S] [--scheduler NAME] [--grid out.png]
 
@@ -17,7 +17,6 @@ import argparse
 import math
 import os
 import shlex
-import sys
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -111,12 +110,17 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("component", nargs="?", default="all", choices=("all", "clip", "vae", "unet"),
                    help="what to train (a UNet needs a trained CLIP and VAE: --clip/--vae or earlier runs in --out)")
     p.add_argument("--out", required=True, help="output folder: <component>/ runs and pipeline/")
+    p.add_argument("--tiny", action="store_true",
+                   help="the tiny preset (train/default_recipe.py: tiny_recipe): narrow models, 2,000 training "
+                        "images, a few hundred steps; about a minute on a laptop CPU, blurry shapes")
     p.add_argument("--steps", type=positive_int, default=None,
                    help="optimiser steps per component (default: the recipe's)")
     p.add_argument("--batch-size", type=positive_int, default=None,
                    help="global batch per component (default: the recipe's)")
     p.add_argument("--seed", type=seed, default=None, help="seed of data, initialisation and noise (default 0)")
     p.add_argument("--resume", default=None, help="'latest' (each component's newest checkpoint) or a checkpoint file")
+    p.add_argument("--keep", type=int_range(0), default=1,
+                   help="checkpoints kept per run, the newest (default 1; 0 keeps all)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
     p.add_argument("--precision", default="fp32", choices=("fp32", "bf16", "fp16"))
     p.add_argument("--clip", default=None, help="a trained CLIP (model folder or earlier --out) to reuse")
@@ -140,7 +144,7 @@ def add_eval_arguments(p: argparse.ArgumentParser, steps_help: str = "sampler st
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from .default_recipe import COMPONENTS, default_recipe, train_default
+    from .default_recipe import COMPONENTS, default_recipe, tiny_recipe, train_default
     from .errors import TrainError
 
     components = COMPONENTS if args.component == "all" else (args.component,)
@@ -155,12 +159,12 @@ def cmd_train(args: argparse.Namespace) -> int:
         for flag, folder in (("--clip", args.clip), ("--vae", args.vae)):
             if folder is not None and not Path(folder).is_dir():
                 raise CommandError(f"{flag} {folder}: no such folder")
-        recipe = default_recipe().with_overrides(args.steps, args.batch_size, args.seed, components)
-        command = "parti-from-scratch train " + " ".join(shlex.quote(a) for a in sys.argv[2:]) \
-            if len(sys.argv) > 2 else None
+        base = tiny_recipe() if args.tiny else default_recipe()
+        recipe = base.with_overrides(args.steps, args.batch_size, args.seed, components)
+        command, resume_command = train_commands(args)
         folder = train_default(args.out, recipe, components, clip_dir=args.clip, vae_dir=args.vae, resume=resume,
                                device=args.device, precision=args.precision, progress=not args.quiet,
-                               command=command)
+                               command=command, resume_command=resume_command, keep_checkpoints=args.keep)
     except TrainError as e:
         raise CommandError(str(e)) from None
     except (OSError, ValueError) as e:
@@ -168,6 +172,21 @@ def cmd_train(args: argparse.Namespace) -> int:
     if int(os.environ.get("RANK", "0")) == 0:
         print(folder if folder is not None else Path(args.out))
     return 0
+
+
+def train_commands(args: argparse.Namespace) -> tuple[str, str]:
+    """The `train` command lines that redo this run from scratch and that resume it (RECIPE.md quotes both):
+    the same settings, without --resume, then with --resume latest."""
+    words = ["parti-from-scratch", "train", args.component, "--out", args.out]
+    words += ["--tiny"] if args.tiny else []
+    for flag, value, default in (("--steps", args.steps, None), ("--batch-size", args.batch_size, None),
+                                 ("--seed", args.seed, None), ("--keep", args.keep, 1),
+                                 ("--device", args.device, "auto"), ("--precision", args.precision, "fp32"),
+                                 ("--clip", args.clip, None), ("--vae", args.vae, None)):
+        if value != default:
+            words += [flag, str(value)]
+    command = " ".join(shlex.quote(w) for w in words)
+    return command, f"{command} --resume latest"
 
 
 def _read_prompts(spec: str, n, seed: int):

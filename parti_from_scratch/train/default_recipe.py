@@ -14,7 +14,8 @@ Three models are trained one after the other on the captioned shapes dataset
    what draws colour x shape combinations never seen in training).
 
 Every size and training setting lives in `Recipe` below; `default_recipe()` is
-the shipped model, `tiny_recipe()` a seconds-long version for tests. Run
+the shipped model, `tiny_recipe()` a minute-long version to try (`train all --tiny`),
+`smoke_recipe()` a seconds-long one for tests. Run
 
     parti-from-scratch train all --out runs/default
 
@@ -35,6 +36,7 @@ from typing import Optional, Sequence, Union
 
 import torch
 
+from .checkpoint import ensure_writable_dir
 from .distributed import run_on_main, setup_distributed, teardown_distributed
 from .errors import TrainError
 from .loop import TrainConfig
@@ -56,13 +58,14 @@ class Training:
     dataset_size: int = 30_000        # images of the training split (scenes are drawn once, images rendered on access)
 
     def train_config(self, out_dir: Union[str, Path], seed: int, device: str = "auto", precision: str = "fp32",
-                     progress: bool = True) -> TrainConfig:
+                     progress: bool = True, keep_checkpoints: int = 1) -> TrainConfig:
+        """The loop's config; a checkpoint every eighth of the run, the newest `keep_checkpoints` kept (0: all)."""
         return TrainConfig(steps=self.steps, batch_size=self.batch_size, lr=self.lr, warmup_steps=self.warmup_steps,
                            lr_schedule=self.lr_schedule, min_lr_ratio=self.min_lr_ratio,
                            weight_decay=self.weight_decay, ema_decay=self.ema_decay, seed=seed,
                            log_every=max(1, min(50, self.steps // 10)),
-                           checkpoint_every=max(1, self.steps // 8), out_dir=str(out_dir), device=device,
-                           precision=precision, progress=progress)
+                           checkpoint_every=max(1, self.steps // 8), keep_checkpoints=keep_checkpoints,
+                           out_dir=str(out_dir), device=device, precision=precision, progress=progress)
 
 
 def _clip_config(text_width: int = 64, text_layers: int = 2, vision_width: int = 96, vision_layers: int = 3,
@@ -168,7 +171,29 @@ def default_recipe() -> Recipe:
 
 
 def tiny_recipe() -> Recipe:
-    """A recipe that trains in seconds (tests, smoke runs): the same pipeline, far smaller and shorter."""
+    """The preset of `train all --tiny`: the same pipeline with narrow models, 2,000 training images and a few
+    hundred steps per model, about a minute on a laptop CPU (about 60 CPU-seconds of training). It is for seeing
+    every stage run and every file appear; its images are blurry coloured blobs, not the shipped model's shapes."""
+    images = 2_000
+    return Recipe(
+        clip=_clip_config(text_width=32, text_layers=1, vision_width=32, vision_layers=1, heads=2, projection_dim=32),
+        clip_training=Training(steps=200, batch_size=32, lr=2e-3, warmup_steps=10, ema_decay=None,
+                               dataset_size=images),
+        vae=_vae_config(block_out_channels=(8, 8, 8), groups=4),
+        vae_training=Training(steps=150, batch_size=16, lr=3e-3, warmup_steps=10, ema_decay=None,
+                              dataset_size=images),
+        vae_decoder_training=Training(steps=20, batch_size=16, lr=1e-3, ema_decay=None, dataset_size=images),
+        unet=_unet_config(block_out_channels=(16, 32), cross_attention_dim=32, heads=2, groups=4,
+                          attention_levels=(1,)),
+        unet_training=Training(steps=250, batch_size=32, lr=2e-3, warmup_steps=20, ema_decay=None,
+                               dataset_size=images),
+        unet_finetune_training=Training(steps=30, batch_size=32, lr=5e-4, lr_schedule="constant", ema_decay=None,
+                                        dataset_size=images),
+        sampler_steps=20, guidance_scale=5.0)
+
+
+def smoke_recipe() -> Recipe:
+    """A recipe that trains in seconds (tests): the same pipeline, far smaller and shorter than even tiny_recipe."""
     return Recipe(
         clip=_clip_config(text_width=32, text_layers=1, vision_width=32, vision_layers=1, heads=2, projection_dim=16),
         clip_training=Training(steps=4, batch_size=8, lr=1e-3, ema_decay=None, dataset_size=64),
@@ -216,13 +241,17 @@ def _check_before_training(recipe: Recipe, components: Sequence[str]) -> None:
 def train_default(out_dir: Union[str, Path], recipe: Optional[Recipe] = None,
                   components: Sequence[str] = COMPONENTS, clip_dir: Union[str, Path, None] = None,
                   vae_dir: Union[str, Path, None] = None, resume: Optional[str] = None, device: str = "auto",
-                  precision: str = "fp32", progress: bool = True, command: Optional[str] = None) -> Optional[Path]:
+                  precision: str = "fp32", progress: bool = True, command: Optional[str] = None,
+                  keep_checkpoints: int = 1, resume_command: Optional[str] = None) -> Optional[Path]:
     """Train CLIP -> VAE -> UNet (or some of them) and, once a UNet is trained, write the pipeline folder.
 
     out_dir/<component>/ holds each run (checkpoints, loss.png, history.json, result.json) and
     out_dir/<component>/model/ the trained model; out_dir/pipeline/ the diffusers-layout pipeline
     with vocabulary.txt, sampling_defaults.json, RECIPE.md and recipe.json. A component not trained here comes from
     clip_dir / vae_dir (a model folder or an earlier out_dir), or from out_dir itself.
+    Each run keeps its newest `keep_checkpoints` checkpoints (0: all). The VAE's latents of the UNet's
+    training images are kept in out_dir/unet/latents.safetensors and read again by a resumed run.
+    command / resume_command: the command lines RECIPE.md gives for training from scratch and for resuming.
     Returns the pipeline folder (None when no UNet was trained).
     """
     recipe = recipe or default_recipe()
@@ -230,20 +259,19 @@ def train_default(out_dir: Union[str, Path], recipe: Optional[Recipe] = None,
     info = setup_distributed("cuda" if device.startswith("cuda") else "cpu")
     try:
         return _train_components(out_dir, recipe, components, clip_dir, vae_dir, resume, device, precision,
-                                 progress, command, info)
+                                 progress, (command, resume_command), info, keep_checkpoints)
     finally:
         teardown_distributed(info)
 
 
 def _train_components(out_dir, recipe: Recipe, components, clip_dir, vae_dir, resume, device, precision, progress,
-                      command, info) -> Optional[Path]:
+                      commands, info, keep_checkpoints) -> Optional[Path]:
     from parti_from_scratch.clip.model import CLIPModel
     from parti_from_scratch.clip.tokenizer import CLIPTokenizer
     from parti_from_scratch.vae import AutoencoderKL
 
-    from .checkpoint import ensure_writable_dir
-    from .components import (LatentCaptionDataset, clip_retrieval, encode_texts, finetune_decoder, train_clip,
-                             train_unet, train_vae, training_scheduler)
+    from .components import (clip_retrieval, encode_texts, finetune_decoder, train_clip, train_unet, train_vae,
+                             training_scheduler)
     from .components.unet import finetune_with_colour_dropout
     from .components.clip import tokenize
 
@@ -271,7 +299,7 @@ def _train_components(out_dir, recipe: Recipe, components, clip_dir, vae_dir, re
         started = time.perf_counter()
         clip, res = train_clip(recipe.clip, _dataset(recipe, "clip"),
                                recipe.clip_training.train_config(out / "clip", recipe.seed, device, precision,
-                                                                 progress), tokenizer, resume=resume)
+                                                                 progress, keep_checkpoints), tokenizer, resume=resume)
         clip = clip.cpu()
         if is_main:
             clip.save_pretrained(out / "clip" / "model")
@@ -285,7 +313,8 @@ def _train_components(out_dir, recipe: Recipe, components, clip_dir, vae_dir, re
     if "vae" in components:
         started = time.perf_counter()
         vae, res = train_vae(recipe.vae, _dataset(recipe, "vae"),
-                             recipe.vae_training.train_config(out / "vae", recipe.seed, device, precision, progress),
+                             recipe.vae_training.train_config(out / "vae", recipe.seed, device, precision, progress,
+                                                              keep_checkpoints),
                              beta=recipe.kl_beta,
                              foreground_weight=recipe.foreground_weight, resume=resume)
         finish("vae", started, res, {"scaling_factor": vae.config.scaling_factor})
@@ -293,7 +322,8 @@ def _train_components(out_dir, recipe: Recipe, components, clip_dir, vae_dir, re
         started = time.perf_counter()
         vae, res = finetune_decoder(vae, _dataset(recipe, "vae"),
                                     recipe.vae_decoder_training.train_config(out / "vae" / "decoder", recipe.seed,
-                                                                             device, precision, progress),
+                                                                             device, precision, progress,
+                                                                             keep_checkpoints),
                                     beta=recipe.kl_beta, foreground_weight=recipe.foreground_weight, resume=resume)
         if is_main:
             vae.cpu().save_pretrained(out / "vae" / "model")
@@ -313,12 +343,14 @@ def _train_components(out_dir, recipe: Recipe, components, clip_dir, vae_dir, re
     vae = vae.cpu().eval().requires_grad_(False)
     joint = recipe.finetune_text_encoder        # then captions stay token ids and the text encoder trains too
     unet_data = _dataset(recipe, "unet")
-    latents = LatentCaptionDataset.build(unet_data, vae, None if joint else text_encoder, tokenizer, progress)
+    latents = _cached_latents(out / "unet" / LATENTS_FILE, unet_data, vae, None if joint else text_encoder,
+                              tokenizer, progress, info)
     empty_state = tokenize(tokenizer, [""])[0] if joint else encode_texts(text_encoder, tokenizer, [""])[0]
     scheduler = training_scheduler(recipe.noise_schedule)
     precompute_seconds = round(time.perf_counter() - started, 1)
     unet, res = train_unet(recipe.unet, latents, empty_state, vae.config.scaling_factor, scheduler,
-                           recipe.unet_training.train_config(out / "unet", recipe.seed, device, precision, progress),
+                           recipe.unet_training.train_config(out / "unet", recipe.seed, device, precision, progress,
+                                                             keep_checkpoints),
                            recipe.p_uncond, resume=resume, text_encoder=text_encoder if joint else None)
     finish("unet", started, res, {"precompute_seconds": precompute_seconds})
     # stage 2: the same images, some captions without their colour words (see finetune_with_colour_dropout)
@@ -328,7 +360,7 @@ def _train_components(out_dir, recipe: Recipe, components, clip_dir, vae_dir, re
             unet, latents, list(unet_data.captions), tokenizer, empty_state,
             vae.config.scaling_factor, scheduler, recipe.p_drop_colour, recipe.seed,
             recipe.unet_finetune_training.train_config(out / "unet" / "finetune", recipe.seed, device, precision,
-                                                       progress), recipe.p_uncond, resume=resume,
+                                                       progress, keep_checkpoints), recipe.p_uncond, resume=resume,
             text_encoder=None if joint else text_encoder)
         finish("unet_finetune", started, res, {"p_drop_colour": recipe.p_drop_colour})
     if joint:
@@ -340,7 +372,25 @@ def _train_components(out_dir, recipe: Recipe, components, clip_dir, vae_dir, re
         unet.save_pretrained(out / "unet" / "model")
     if not is_main:
         return out / "pipeline"
-    return write_pipeline(out / "pipeline", recipe, tokenizer, text_encoder, unet.cpu(), vae, results, command)
+    return write_pipeline(out / "pipeline", recipe, tokenizer, text_encoder, unet.cpu(), vae, results, *commands)
+
+
+LATENTS_FILE = "latents.safetensors"
+
+
+def _cached_latents(path: Path, dataset, vae, text_encoder, tokenizer, progress: bool, info):
+    """The UNet's training data (VAE posteriors, caption states or ids): read from `path` when it was made from
+    these weights and data, else computed by LatentCaptionDataset.build and written there (rank 0)."""
+    from .components import LatentCaptionDataset
+    from .components.unet import latents_fingerprint
+
+    fingerprint = latents_fingerprint(dataset, vae, text_encoder)
+    cached = LatentCaptionDataset.load(path, fingerprint)
+    if cached is not None:
+        return cached
+    latents = LatentCaptionDataset.build(dataset, vae, text_encoder, tokenizer, progress)
+    run_on_main(lambda: (ensure_writable_dir(path.parent), latents.save(path, fingerprint)), info)
+    return latents
 
 
 def _read_result(model_folder: Path, component: str) -> dict:
@@ -369,19 +419,29 @@ def build_pipeline(recipe: Recipe, tokenizer, text_encoder, unet, vae):
 
 
 def write_pipeline(folder: Union[str, Path], recipe: Recipe, tokenizer, text_encoder, unet, vae,
-                   results: dict, command: Optional[str] = None) -> Path:
+                   results: dict, command: Optional[str] = None, resume_command: Optional[str] = None) -> Path:
     """Save the pipeline folder (weights in recipe.weights_dtype) with vocabulary.txt, sampling_defaults.json
-    (the recipe's sampler_steps and guidance_scale), recipe.json (the training record) and RECIPE.md."""
+    (the recipe's sampler_steps and guidance_scale), recipe.json (the training record) and RECIPE.md.
+
+    command: the command line that trains this recipe from scratch; resume_command: the one that continues
+    its run (default: command with --resume latest).
+    """
     dtype = getattr(torch, recipe.weights_dtype)
     parts = [copy.deepcopy(m).to(dtype) for m in (text_encoder, unet, vae)]
     pipe = build_pipeline(recipe, tokenizer, *parts)
     folder = Path(folder)
     pipe.save_pretrained(folder)
     command = command or "parti-from-scratch train all --out runs/default"
-    info = {"command": command, "seed": recipe.seed, "components": results, "recipe": recipe.to_dict()}
+    resume_command = resume_command or f"{command} --resume latest"
+    info = {"command": command, "resume_command": resume_command, "seed": recipe.seed, "components": results,
+            "recipe": recipe.to_dict()}
     (folder / "recipe.json").write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
     lines = ["# How this model was trained", "", "Retrain it from scratch (the seconds per component are below) with", "",
-             f"    {command}", "", f"seed {recipe.seed}; every size and setting is in recipe.json "
+             f"    {command}", "",
+             "or, if that run stopped, continue it from each component's newest checkpoint in its run folder "
+             "(the encoded latents are read back from unet/latents.safetensors, not computed again) with", "",
+             f"    {resume_command}", "",
+             f"seed {recipe.seed}; every size and setting is in recipe.json "
              "(parti_from_scratch/train/default_recipe.py holds the same values).", "",
              "| component | steps | batch | seconds | threads |", "|---|---|---|---|---|"]
     for name in ("clip", "vae", "vae_decoder", "unet", "unet_finetune"):

@@ -15,7 +15,9 @@ prompt "", so the same network also learns eps_theta(z_t, t, c_empty), the
 unconditional prediction that guidance extrapolates away from.
 
 The frozen VAE runs once, before training: the posterior (mu, sigma) of every
-image of a fixed training set. The text encoder E either is frozen too (Stable
+image of a fixed training set. The result is kept in the run folder
+(unet/latents.safetensors, with a fingerprint of the encoder's weights and the
+data), so a resumed run reads it instead of encoding every image again. The text encoder E either is frozen too (Stable
 Diffusion's choice: its states for every distinct caption are computed once, and
 a step costs only the UNet's forward and backward pass), or it starts from
 CLIP's text tower and trains together with the UNet (`TextConditionedUNet`),
@@ -27,7 +29,9 @@ square at the top"). The text tower costs little next to the UNet.
 from __future__ import annotations
 
 import copy
+import hashlib
 import re
+from pathlib import Path
 from typing import Any, Optional, Union
 
 import numpy as np
@@ -44,6 +48,7 @@ from parti_from_scratch.diffusion.schedulers import DDPMScheduler
 from parti_from_scratch.unet import UNet2DConditionConfig, UNet2DConditionModel
 from parti_from_scratch.vae import AutoencoderKL
 
+from ..checkpoint import atomic_write_bytes, read_safetensors, safetensors_bytes
 from ..distributed import map_sharded
 from ..loop import StepRNG, TrainConfig, TrainResult, train
 from .common import seeded_init
@@ -126,6 +131,51 @@ class LatentCaptionDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         return self.mean[i], self.std[i], self.text_states[self.caption_index[i]]
+
+
+    def save(self, path: Union[str, Path], fingerprint: str) -> Path:
+        """Write the four tensors to a safetensors file (atomically), with `fingerprint` in its metadata."""
+        tensors = {"mean": self.mean, "std": self.std, "text_states": self.text_states,
+                   "caption_index": self.caption_index}
+        data = safetensors_bytes({k: v.contiguous() for k, v in tensors.items()},
+                                 metadata={"format": "pt", "fingerprint": fingerprint})
+        return atomic_write_bytes(path, data)
+
+    @classmethod
+    def load(cls, path: Union[str, Path], fingerprint: str) -> Optional["LatentCaptionDataset"]:
+        """The dataset saved in `path`, or None when there is no such file or it was made from other
+        weights or data (its fingerprint differs)."""
+        if not Path(path).is_file():
+            return None
+        tensors, metadata = read_safetensors(path)
+        if metadata.get("fingerprint") != fingerprint:
+            return None
+        return cls(tensors["mean"], tensors["std"], tensors["text_states"], tensors["caption_index"])
+
+
+def latents_fingerprint(dataset, vae: AutoencoderKL, text_encoder: Optional[CLIPTextModel] = None) -> str:
+    """sha256 of everything `LatentCaptionDataset.build` reads: the VAE's encoder weights (the decoder
+    does not shape z), the text encoder's weights (when its states are precomputed), and the data: its
+    scenes and captions (images are drawn from the scenes), or every image of a dataset without scenes."""
+    h = hashlib.sha256()
+
+    def add_weights(module: nn.Module, prefixes: tuple = ("",)) -> None:
+        for name, tensor in sorted(module.state_dict().items()):
+            if name.startswith(prefixes):
+                h.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype}".encode())
+                h.update(tensor.detach().cpu().reshape(-1).view(torch.uint8).numpy().tobytes())
+
+    add_weights(vae, ("encoder.", "quant_conv."))
+    if text_encoder is not None:
+        add_weights(text_encoder)
+    h.update(f"text encoder: {text_encoder is not None}; items: {len(dataset)}".encode())
+    if hasattr(dataset, "scenes") and hasattr(dataset, "captions"):
+        h.update(repr((dataset.scenes, dataset.captions)).encode())
+    else:
+        for i in range(len(dataset)):
+            image, text = dataset[i]
+            h.update(image.reshape(-1).view(torch.uint8).numpy().tobytes() + text.encode())
+    return h.hexdigest()
 
 
 def _caption_table(captions: list[str], tokenizer: CLIPTokenizer, text_encoder: Optional[CLIPTextModel],
