@@ -158,7 +158,8 @@ class ByteLevelBPE:
 
     `normalizer`, `patterns` and `end_of_word` default to CLIP's choices. `patterns[0]`
     cuts the normalized text into pieces (each piece's ids are cached); each following
-    pattern cuts every piece again.
+    pattern cuts every piece again. `spell` writes each final piece in the merges'
+    alphabet before merging (step 3; default: its UTF-8 bytes, `spell_bytes`).
     """
 
     def __init__(
@@ -169,6 +170,7 @@ class ByteLevelBPE:
         normalizer: Callable[[str], str] | None = clean_text,
         patterns: Sequence[regex.Pattern] = (CLIP_PATTERN, BYTE_LEVEL_PATTERN),
         end_of_word: str = END_OF_WORD,
+        spell: Callable[[str], str] = spell_bytes,
         max_cache_size: int = 200_000,
         max_cached_piece: int = 256,
     ) -> None:
@@ -178,6 +180,7 @@ class ByteLevelBPE:
             raise ValueError(f"unk_token {unk_token!r} is not in the vocabulary")
         self.unk_id = self.vocab[unk_token]
         self.normalizer, self.patterns, self.end_of_word = normalizer, tuple(patterns), end_of_word
+        self.spell = spell
         # Merge ranks: the pair learned first has rank 0 and is merged first (Sennrich et al.).
         # A pair listed twice keeps its last rank, as in the reference.
         self.bpe_ranks: dict[tuple[str, str], int] = {}
@@ -241,7 +244,7 @@ class ByteLevelBPE:
         for pattern in self.patterns[1:]:
             words = [part for word in words for part in pattern.findall(word)]
         vocab, unk = self.vocab, self.unk_id
-        ids = tuple(vocab.get(token, unk) for word in words for token in self.bpe(spell_bytes(word)))
+        ids = tuple(vocab.get(token, unk) for word in words for token in self.bpe(self.spell(word)))
         if len(piece) <= self.max_cached_piece and len(self._cache) < self.max_cache_size:
             self._cache[piece] = ids
         return ids
