@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
+
 import pytest
 import torch
 
@@ -144,3 +146,28 @@ def test_tiny_preset_fits_its_data_and_builds():
                                                                       build_vae(shipped.vae),
                                                                       build_unet(shipped.unet))]
     assert all(a < b for a, b in zip(sizes, shipped_sizes))
+
+
+def test_grid_titles_of_two_object_prompts_do_not_overlap():
+    """eval --grid: each title stays above its own image, inside its column, and touches no other title."""
+    import matplotlib.pyplot as plt
+
+    from parti_from_scratch.data import eval_prompts
+    from parti_from_scratch.train.components.evaluate import image_grid_figure, wrap_label
+    assert wrap_label("a small magenta triangle on the left and a large blue circle at the bottom", 40) == [
+        "a small magenta triangle on the left", "and a large blue circle at the bottom"]
+    prompts = [p for p, _ in eval_prompts("heldout_pair", n=10, seed=0)]
+    labels = ["ok " + p for p in prompts]
+    assert all(len(p) > 60 for p in labels)                  # each one far wider than its image
+    fig = image_grid_figure(np.zeros((10, 64, 64, 3)), columns=8, labels=labels)
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    boxes = [ax.title.get_window_extent(renderer) for ax in fig.axes[:10]]
+    images = [ax.get_window_extent(renderer) for ax in fig.axes[:10]]
+    figure_box = fig.bbox
+    for k, (box, image) in enumerate(zip(boxes, images)):
+        assert image.x0 - 10 <= box.x0 and box.x1 <= image.x1 + 10, (k, box, image)     # within its column
+        assert box.y0 >= image.y1 - 1 and box.y1 <= figure_box.y1, (k, box, image)     # above it, on the page
+        for j in range(k):
+            assert not box.overlaps(boxes[j]), (j, k)
+    plt.close(fig)

@@ -247,6 +247,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
         print(f"  {name:<9} {100 * summary[name]:5.1f}%")
     if args.grid:
         from .components.evaluate import safe_score
-        labels = [("ok " if safe_score(im, scene).exact else "x ") + p for im, (p, scene) in zip(images, prompts)]
-        print(save_image_grid(images, args.grid, columns=min(8, len(images)), labels=labels))
+        exact = [safe_score(im, scene).exact for im, (_, scene) in zip(images, prompts)]
+        # "ok"/"x" for the checker's verdict (exact scene or not), also as green/red titles
+        labels = [("ok " if ok else "x ") + p for ok, (p, _) in zip(exact, prompts)]
+        colours = ["darkgreen" if ok else "firebrick" for ok in exact]
+        print(save_image_grid(images, args.grid, columns=min(8, len(images)), labels=labels, colours=colours))
     return 0

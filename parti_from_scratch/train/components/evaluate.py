@@ -10,6 +10,8 @@
 """
 from __future__ import annotations
 
+import re
+import textwrap
 from pathlib import Path
 from typing import Optional, Sequence, Union
 
@@ -89,9 +91,16 @@ def safe_score(image: np.ndarray, scene: list) -> Score:
                      size=False if named_size else None, exact=False)
 
 
-def save_image_grid(images: np.ndarray, path: Union[str, Path], columns: int = 8, labels: Optional[list] = None,
-                    scale: int = 2) -> Path:
-    """Images (n, H, W, 3) in [0, 1] -> one PNG, `columns` per row, each enlarged `scale` times (with titles)."""
+def wrap_label(text: str, width: int) -> list[str]:
+    """A grid title as lines of at most `width` characters; each object of a two-object prompt starts a
+    line ("... on the left" / "and a blue square ...")."""
+    parts = re.split(r" (?=and\b)", text)
+    return [line for part in parts for line in textwrap.wrap(part, width, break_long_words=True)] or [""]
+
+
+def image_grid_figure(images: np.ndarray, columns: int = 8, labels: Optional[list] = None, scale: int = 2,
+                      colours: Optional[list] = None):
+    """The matplotlib figure of `save_image_grid` (see there)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -99,12 +108,27 @@ def save_image_grid(images: np.ndarray, path: Union[str, Path], columns: int = 8
     n = len(images)
     columns = min(columns, n)
     rows = (n + columns - 1) // columns
-    fig, axes = plt.subplots(rows, columns, figsize=(columns * 1.1 * scale, rows * 1.3 * scale), squeeze=False)
+    fontsize = 5 + scale
+    panel = 1.1 * scale                                    # inches per image
+    # characters per line: a glyph of DejaVu Sans is about 0.6 em wide, 1 em = fontsize points, 72 points an inch
+    width = max(8, int(panel * 72 / (0.6 * fontsize)))
+    titles = [wrap_label(str(label), width) for label in labels] if labels is not None else []
+    lines = max((len(t) for t in titles), default=0)
+    title_height = lines * 1.25 * fontsize / 72            # inches of title above each image
+    fig, axes = plt.subplots(rows, columns, figsize=(columns * (panel + 0.1), rows * (panel + title_height + 0.15)),
+                             squeeze=False, layout="constrained")
     for k, ax in enumerate(axes.flat):
         ax.axis("off")
         if k < n:
             ax.imshow(np.clip(images[k], 0, 1), interpolation="nearest")
-            if labels is not None:
-                ax.set_title(labels[k], fontsize=6 + scale, wrap=True)
-    fig.tight_layout()
-    return save_figure(fig, path, dpi=100)
+            if titles:
+                ax.set_title("\n".join(titles[k]), fontsize=fontsize, linespacing=1.05,
+                             color=colours[k] if colours is not None else "black")
+    return fig
+
+
+def save_image_grid(images: np.ndarray, path: Union[str, Path], columns: int = 8, labels: Optional[list] = None,
+                    scale: int = 2, colours: Optional[list] = None) -> Path:
+    """Images (n, H, W, 3) in [0, 1] -> one PNG, `columns` per row, each enlarged `scale` times, with titles
+    wrapped to the width of their image (rows grow to hold the longest title) in `colours` (default black)."""
+    return save_figure(image_grid_figure(images, columns, labels, scale, colours), path, dpi=100)
