@@ -43,7 +43,6 @@ from typing import Any, Callable, List, Optional, Sequence, Union
 
 import numpy as np
 import torch
-import torch.utils._contextlib
 from tqdm.auto import tqdm
 
 from parti_from_scratch.diffusion.process import randn
@@ -70,7 +69,9 @@ class NonFiniteLatentsError(FloatingPointError):
 # frames a warning must not point at: this package's own files and the wrappers that decorators
 # such as torch.no_grad put between a caller and the function it called
 _PACKAGE_DIR = str(Path(__file__).resolve().parent) + os.sep
-_WRAPPER_FILES = {os.path.realpath(m.__file__) for m in (contextlib, torch.utils._contextlib)}
+# (the file of torch.no_grad's wrapper is read off a decorated probe, wherever torch keeps it)
+_WRAPPER_FILES = {os.path.realpath(f)
+                  for f in (contextlib.__file__, torch.no_grad()(lambda: None).__code__.co_filename)}
 
 
 def warn_at_caller(message: str, category: type = UserWarning) -> None:

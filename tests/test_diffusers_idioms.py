@@ -4,7 +4,6 @@ warnings about what the model does not know (words, sizes) point at the caller's
 from __future__ import annotations
 
 import copy
-import inspect
 import warnings
 
 import numpy as np
@@ -44,31 +43,29 @@ KW = dict(num_inference_steps=4, guidance_scale=7.5)
 
 # ----------------------------------------------------------------------------------------------- warnings
 
-def _one_warning(record, match):
+def _warning_from(call, match):
+    """Run call(); return the one warning whose text contains `match` and call's result. Asserts the warning
+    points at the line of `call` itself (a lambda in this file): torch.no_grad's wrapper and the package's
+    own frames are skipped."""
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        result = call()
     found = [w for w in record if match in str(w.message)]
     assert len(found) == 1, [str(w.message) for w in record]
-    return found[0]
+    assert (found[0].filename, found[0].lineno) == (__file__, call.__code__.co_firstlineno)
+    return found[0], result
 
 
 def test_unknown_word_warning_points_at_the_callers_line(shipped):
-    with warnings.catch_warnings(record=True) as record:
-        warnings.simplefilter("always")
-        line = inspect.currentframe().f_lineno + 1
-        shipped("a purple dragon on the left", num_inference_steps=1, output_type="latent", progress=False)
-    w = _one_warning(record, "never saw these words")
-    # named in the order they appear; torch.no_grad's wrapper and the package's own frames are skipped
-    assert "purple, dragon;" in str(w.message)
-    assert (w.filename, w.lineno) == (__file__, line)
+    w, _ = _warning_from(lambda: shipped("a purple dragon on the left", num_inference_steps=1, output_type="latent",
+                                         progress=False), "never saw these words")
+    assert "purple, dragon;" in str(w.message)              # named in the order they appear
 
 
 def test_prompt_in_another_script_warns_naming_its_characters(shipped):
-    with warnings.catch_warnings(record=True) as record:
-        warnings.simplefilter("always")
-        line = inspect.currentframe().f_lineno + 1
-        shipped("一个红色的大圆在左边", num_inference_steps=1, output_type="latent", progress=False)
-    w = _one_warning(record, "never saw these words")
+    w, _ = _warning_from(lambda: shipped("一个红色的大圆在左边", num_inference_steps=1, output_type="latent",
+                                         progress=False), "never saw these words")
     assert "一个红色的大圆在左边" in str(w.message) and "English words: a and at blue" in str(w.message)
-    assert (w.filename, w.lineno) == (__file__, line)
 
 
 def test_prompt_words_split_at_spaces_and_ascii_punctuation_only():
@@ -86,14 +83,10 @@ def test_known_words_at_the_trained_size_give_no_warning(shipped):
 
 def test_other_size_warns_with_the_training_resolution(shipped):
     assert shipped.sampling_defaults.training_resolution == 64
-    with warnings.catch_warnings(record=True) as record:
-        warnings.simplefilter("always")
-        line = inspect.currentframe().f_lineno + 1
-        z = shipped("a red circle on the left", height=128, num_inference_steps=1, output_type="latent",
-                    progress=False).images
-    w = _one_warning(record, "trained on 64x64 images only; at 128x64")
-    assert (w.filename, w.lineno) == (__file__, line)
-    assert z.shape == (1, 4, 32, 16)          # still generated: a warning, not an error
+    _, out = _warning_from(lambda: shipped("a red circle on the left", height=128, num_inference_steps=1,
+                                           output_type="latent", progress=False),
+                           "trained on 64x64 images only; at 128x64")
+    assert out.images.shape == (1, 4, 32, 16)          # still generated: a warning, not an error
 
 
 def test_folder_without_a_training_resolution_never_warns_about_size(pipelines):
