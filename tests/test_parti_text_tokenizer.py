@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from min_dalle_oracle import import_min_dalle
+from min_dalle_oracle import one_thread  # noqa: F401  (autouse fixture)
 from parti_from_scratch.parti.text_tokenizer import PartiTextTokenizer, dalle_normalize
 
 ASSETS = Path(__file__).resolve().parents[1] / "parti_from_scratch" / "assets"

@@ -98,16 +98,23 @@ class PartiTextTokenizer:
         for f in (vocab_file, merges_file):
             if not f.is_file():
                 raise ValueError(f"{folder}: no {f.name} (a BART/GPT-2 tokenizer folder has vocab.json and merges.txt)")
-        vocab = _check_vocab(_read_json(vocab_file), vocab_file)
-        merges = _read_merges_txt(merges_file)
         if model_max_length is None:
             config = _read_json(folder / CONFIG_FILE) if (folder / CONFIG_FILE).is_file() else {}
             model_max_length = config.get("model_max_length", DEFAULT_MAX_LENGTH) if isinstance(config, dict) \
                 else DEFAULT_MAX_LENGTH
+        return cls.from_files(vocab_file, merges_file, model_max_length)
+
+    @classmethod
+    def from_files(cls, vocab_file: Union[str, Path], merges_file: Union[str, Path],
+                   model_max_length: int = DEFAULT_MAX_LENGTH) -> "PartiTextTokenizer":
+        """From a vocab.json and a merges.txt of any name (min-dalle's repository has vocab_mini.json, merges_mini.txt)."""
+        vocab_file, merges_file = Path(vocab_file), Path(merges_file)
+        vocab = _check_vocab(_read_json(vocab_file), vocab_file)
+        merges = _read_merges_txt(merges_file)
         try:
             return cls(vocab, merges, model_max_length)
         except ValueError as e:
-            raise ValueError(f"{folder}: {e}") from None
+            raise ValueError(f"{vocab_file.parent}: {e}") from None
 
     def save_pretrained(self, folder: Union[str, Path]) -> None:
         """Write vocab.json, merges.txt (with the "#version" line) and tokenizer_config.json."""
