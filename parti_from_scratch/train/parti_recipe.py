@@ -23,6 +23,7 @@ import argparse
 import copy
 import dataclasses
 import json
+import os
 import shlex
 import sys
 import time
@@ -181,10 +182,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parser.parse_args(argv)
     recipe = (tiny_tokenizer_recipe() if args.tiny else tokenizer_recipe()).with_overrides(
         args.steps, args.batch_size, args.seed)
-    command = " ".join(["python -m parti_from_scratch.train.parti_recipe", *map(shlex.quote, sys.argv[1:])])
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    launcher = f"torchrun --nproc_per_node {world_size}" if world_size > 1 else "python"
+    command = " ".join([f"{launcher} -m parti_from_scratch.train.parti_recipe", *map(shlex.quote, sys.argv[1:])])
     folder = train_tokenizer(args.out, recipe, device=args.device, progress=not args.no_progress,
                              resume=args.resume, command=command)
-    print(folder)
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(folder)
     return 0
 
 
