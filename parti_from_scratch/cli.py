@@ -1,6 +1,7 @@
 """Command line: `parti-from-scratch <command> ...` (also `python -m parti_from_scratch`).
 
-    generate "PROMPT" [--model PATH] -o out.png   text -> image (the shipped model, or SD weights)
+    generate "PROMPT" [--model PATH] -o out.png   text -> image (the shipped model, SD weights, or a
+                                                  min-dalle / Parti folder: PartiPipeline)
     tokenize "PROMPT"                             show CLIP's BPE tokens and ids (tutorial §3.1)
     schedules -o schedules.png                    plot beta_t, alpha_bar_t and SNR (tutorial §4.2)
     train [all|clip|vae|unet] --out DIR           retrain the shipped model, or one of its parts
@@ -11,6 +12,7 @@ Bad arguments end with one line on stderr and exit code 2, never a traceback.
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from pathlib import Path
 from typing import List, Optional
@@ -23,6 +25,35 @@ from parti_from_scratch.train.cli_commands import (MAX_SEED, MAX_STEPS, CommandE
 
 class UsageError(Exception):
     """A bad argument or input file: reported as one line, exit code 2."""
+
+
+# options of one model family only: (flag, argparse dest); the other family's call refuses them
+DIFFUSION_ONLY = (("--negative", "negative"), ("--steps", "steps"), ("--height", "height"), ("--width", "width"),
+                  ("--scheduler", "scheduler"), ("--version", "version"))
+PARTI_ONLY = (("--top-k", "top_k"), ("--temperature", "temperature"), ("--top-p", "top_p"),
+              ("--candidates", "candidates"), ("--reranker", "reranker"))
+
+
+def temperature(text: str) -> float:
+    """An argparse type: a finite float > 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"must be a number > 0, got {text}")
+    return value
+
+
+def top_p(text: str) -> float:
+    """An argparse type: a float in (0, 1]."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {text}")
+    return value
 
 
 def shipped_model_facts() -> dict:
@@ -56,15 +87,22 @@ def build_parser() -> argparse.ArgumentParser:
                      f"{shipped['guidance']:g}, Stable Diffusion: {shipped['plain_guidance']:g})")
     scheduler_help = f"sampler (default: the model's own scheduler/; shipped model: {shipped['scheduler']})"
 
-    g = sub.add_parser("generate", help="generate images from a prompt", description=defaults)
+    g = sub.add_parser("generate", help="generate images from a prompt", description=defaults + (
+        " A min-dalle folder (encoder.pt + decoder.pt or encoder_mini.pt + decoder_mini.pt, detoker.pt, vocab.json, "
+        "merges.txt) or a Parti pipeline folder (text_tokenizer/, transformer/, vqvae/) runs PartiPipeline: "
+        "image tokens one at a time, with --guidance, --top-k, --temperature, --top-p and --candidates "
+        "(min-dalle folders default to guidance 16, top-k 256, temperature 1)."))
     g.add_argument("prompt")
-    g.add_argument("--model", default=None, help="diffusers folder or single-file checkpoint (default: shipped model)")
+    g.add_argument("--model", default=None,
+                   help="diffusers folder or single-file checkpoint (default: shipped model), or a min-dalle / "
+                        "Parti folder (PartiPipeline)")
     g.add_argument("-o", "--output", default="out.png",
                    help="output image, .png/.jpg/.webp/.tif (image i of n is saved as out-i.png)")
     g.add_argument("--negative", default=None, help="negative prompt")
     g.add_argument("--steps", type=sampler_steps, default=None, help=steps_help)
     g.add_argument("--guidance", type=guidance_scale, default=None, help=guidance_help)
-    g.add_argument("--seed", type=seed, default=0, help="image i uses seed + i (0 .. 2**64 - 1)")
+    g.add_argument("--seed", type=seed, default=0, help="image i uses seed + i (0 .. 2**64 - 1); PartiPipeline: one generator seeded with it "
+                                                                  "draws every image")
     g.add_argument("--height", type=positive_int, default=None,
                    help=f"a multiple of the model's VAE scale factor (shipped model: {shipped['vae_scale_factor']}, "
                         "Stable Diffusion: 8); default: the UNet's sample size times it")
@@ -74,6 +112,14 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--grid", default=None, help="also save all images side by side to this image file")
     g.add_argument("--version", choices=("1", "2"), default=None, help="SD version of a single-file checkpoint")
     g.add_argument("--quiet", action="store_true", help="no progress bar")
+    p = g.add_argument_group("PartiPipeline (min-dalle / Parti folders)")
+    p.add_argument("--top-k", type=positive_int, default=None, help="sample among the k most likely image tokens")
+    p.add_argument("--temperature", type=temperature, default=None, help="softmax temperature, > 0")
+    p.add_argument("--top-p", type=top_p, default=None, help="sample within the nucleus of probability p, in (0, 1]")
+    p.add_argument("--candidates", type=positive_int, default=None,
+                   help="draw N images per output and keep the one CLIP scores best (needs --reranker)")
+    p.add_argument("--reranker", default=None,
+                   help="a full CLIP folder (both towers and its tokenizer, e.g. `train clip`'s <out>/clip/model)")
 
     t = sub.add_parser("tokenize", help="show the CLIP BPE tokens of a prompt")
     t.add_argument("prompt")
@@ -123,6 +169,14 @@ def cmd_generate(args: argparse.Namespace) -> int:
     grid = check_output_path("--grid", args.grid) if args.grid else None
     if args.model is not None and not Path(args.model).exists():
         raise UsageError(f"--model {args.model}: no such file or folder")
+    from weights_convert.parti_pipeline_loader import is_parti_pipeline_folder
+    parti = args.model is not None and is_parti_pipeline_folder(args.model)
+    family, other = ("a min-dalle / Parti folder", DIFFUSION_ONLY) if parti else ("a diffusion model", PARTI_ONLY)
+    given = [flag for flag, dest in other if getattr(args, dest) is not None]
+    if given:
+        raise UsageError(f"{', '.join(given)}: not an option for {family} (--model {args.model})")
+    if parti:
+        return generate_parti(args, paths, grid)
     try:
         pipe = TextToImagePipeline.from_pretrained(args.model, version=args.version)
     except (ValueError, OSError) as e:
@@ -138,13 +192,44 @@ def cmd_generate(args: argparse.Namespace) -> int:
                    num_images_per_prompt=args.num_images, scheduler=args.scheduler, progress=not args.quiet)
     except (ValueError, TypeError, NonFiniteLatentsError) as e:
         raise UsageError(str(e)) from None
-    output.parent.mkdir(parents=True, exist_ok=True)
-    for im, p in zip(out.images, paths):
+    save_images(out.images, paths, grid)
+    return 0
+
+
+def save_images(images, paths: List[Path], grid: Optional[Path]) -> None:
+    paths[0].parent.mkdir(parents=True, exist_ok=True)
+    for im, p in zip(images, paths):
         im.save(p)
         print(p)
     if grid is not None:
-        save_grid(out.images, grid)
+        save_grid(images, grid)
         print(grid)
+
+
+def generate_parti(args: argparse.Namespace, paths: List[Path], grid: Optional[Path]) -> int:
+    """PartiPipeline on a min-dalle or Parti folder; one generator seeded with --seed draws every image."""
+    import torch
+
+    from parti_from_scratch.parti_pipeline import PartiPipeline
+    try:
+        pipe = PartiPipeline.from_pretrained(args.model)
+    except (ValueError, OSError) as e:
+        raise UsageError(f"cannot load model: {e}") from None
+    reranker = None
+    if args.reranker is not None:
+        from parti_from_scratch.clip.model import CLIPModel
+        from parti_from_scratch.clip.tokenizer import CLIPTokenizer
+        try:
+            reranker = (CLIPModel.from_pretrained(args.reranker), CLIPTokenizer.from_pretrained(args.reranker))
+        except (ValueError, OSError) as e:
+            raise UsageError(f"--reranker {args.reranker}: cannot load CLIP: {e}") from None
+    try:
+        out = pipe(args.prompt, num_images_per_prompt=args.num_images, guidance_scale=args.guidance,
+                   temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, num_candidates=args.candidates,
+                   generator=torch.Generator().manual_seed(args.seed), reranker=reranker, progress=not args.quiet)
+    except (ValueError, TypeError) as e:
+        raise UsageError(str(e)) from None
+    save_images(out.images, paths, grid)
     return 0
 
 

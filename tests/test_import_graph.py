@@ -60,7 +60,7 @@ LAYERS: Tuple[Layer, ...] = (
     Layer("unet", ("parti_from_scratch.unet",), may_import=("base", "nn", "clip", "diffusion")),
     Layer("vae", ("parti_from_scratch.vae",), may_import=("base", "nn", "clip", "diffusion")),
     Layer("parti", ("parti_from_scratch.parti",), may_import=("base", "nn", "clip")),
-    Layer("pipeline", ("parti_from_scratch.pipeline",)),
+    Layer("pipeline", ("parti_from_scratch.pipeline", "parti_from_scratch.parti_pipeline")),
     Layer("weights_convert", ("weights_convert",)),
     Layer("train", ("parti_from_scratch.train",)),
     Layer("cli", ("parti_from_scratch.cli", "parti_from_scratch.__main__")),
@@ -83,6 +83,8 @@ PERMITTED_SHIMS: Tuple[str, ...] = (
     "parti_from_scratch.parti.vit_vqgan.ViTVQModel.save_pretrained",
     "parti_from_scratch.parti.vqgan.VQModel.from_pretrained",
     "parti_from_scratch.parti.vqgan.VQModel.save_pretrained",
+    "parti_from_scratch.parti_pipeline.PartiPipeline.from_pretrained",
+    "parti_from_scratch.parti_pipeline.PartiPipeline.save_pretrained",
 )
 SHIM_TARGET_LAYER = "weights_convert"
 SHIM_METHODS = ("from_pretrained", "save_pretrained")

@@ -12,6 +12,15 @@ time from the text, like a translation. This package is that chapter:
                     config keys): image -> latents -> indices (b, h, w) -> image
     vit_vqgan.py    ViT-VQGAN, the tokenizer of the Parti paper (`ViTVQModel`): 8x8
                     patches, ViT encoder and decoder, factorised l2-normalised codes
+    transformer.py  the encoder-decoder Transformer (`PartiTransformer`): p(y | x) =
+                    prod_i p(y_i | y_<i, x), Parti's pre-LN block and DALL·E mini's, KV cache
+    sampling.py     classifier-free guidance on logits, temperature, top-k, top-p, and the
+                    cached generation loop `generate_image_tokens`
+    text_tokenizer.py  the prompt's byte-level BPE in BART's files (`PartiTextTokenizer`),
+                    min-dalle's normalization (clip/bpe.py's merge loop)
+    reranking.py    keep the candidate CLIP scores closest to the prompt (`rerank_by_clip_score`)
+
+The pipeline that chains them is `parti_from_scratch.parti_pipeline.PartiPipeline`.
 
 It imports `parti_from_scratch.nn` (and `clip` for reranking) and nothing
 above them.
