@@ -39,7 +39,8 @@ from parti_from_scratch.configuration import ConfigError, read_json
 from parti_from_scratch.outputs import ModelOutput
 from parti_from_scratch.parti.reranking import clip_pixel_values, rerank_by_clip_score
 from parti_from_scratch.parti.sampling import check_sampling_arguments, generate_image_tokens
-from parti_from_scratch.pipeline import PromptType, _as_list, _is_int, postprocess_image, warn_at_caller
+from parti_from_scratch.pipeline import (PromptType, _as_list, _is_int, _one_of, postprocess_image,
+                                        warn_at_caller)
 
 SAMPLING_FILE = "sampling_defaults.json"
 NO_RERANKER = ("num_candidates={n} needs a scorer: pass reranker=(CLIPModel, CLIPTokenizer), a full CLIP with both "
@@ -151,9 +152,19 @@ class PartiPipeline:
         return {"tokenizer": self.tokenizer, "transformer": self.transformer, "vqvae": self.vqvae,
                 "sampling_defaults": self.sampling_defaults, "reranker": self.reranker}
 
-    def to(self, device: Union[str, torch.device, None] = None, dtype: Optional[torch.dtype] = None
-           ) -> "PartiPipeline":
-        """Move the models (and the reranker's CLIP) to a device and/or floating-point dtype."""
+    def to(self, *args: Union[str, torch.device, torch.dtype], device: Union[str, torch.device, None] = None,
+           dtype: Optional[torch.dtype] = None) -> "PartiPipeline":
+        """Move the models (and the reranker's CLIP) to a device and/or floating-point dtype, as
+        `TextToImagePipeline.to`: `pipe.to("cuda")`, `pipe.to(torch.float16)`, `pipe.to(device=..., dtype=...)`."""
+        for value in args:
+            if isinstance(value, torch.dtype):
+                dtype = _one_of("dtype", dtype, value)
+            elif isinstance(value, (str, torch.device)):
+                device = _one_of("device", device, value)
+            else:
+                raise TypeError(f"to() takes a device and/or a torch.dtype, got {type(value).__name__}")
+        if dtype is not None and not dtype.is_floating_point:
+            raise TypeError(f"dtype must be a floating-point torch.dtype, got {dtype!r}")
         models = [self.transformer, self.vqvae] + ([self.reranker[0]] if self.reranker else [])
         for m in models:
             m.to(device=device, dtype=dtype)

@@ -143,6 +143,20 @@ def test_bad_arguments_name_the_argument(pipe, kwargs, name):
         pipe(kwargs.pop("prompt"), progress=False, **kwargs)
 
 
+def test_prompt_without_readable_tokens_warns(pipe):
+    with pytest.warns(UserWarning, match="has no token this tokenizer reads"):
+        pipe("一个红色的大圆", output_type="tokens", progress=False)
+
+
+def test_to_moves_and_casts(min_dalle_folder):
+    pipe = PartiPipeline.from_pretrained(min_dalle_folder[0])
+    assert pipe.to(torch.float64) is pipe and pipe.dtype == torch.float64 and pipe.vqvae.dtype == torch.float64
+    pipe.to("cpu", torch.float32)
+    assert pipe.dtype == torch.float32 and pipe.device == torch.device("cpu")
+    with pytest.raises(TypeError, match="floating-point"):
+        pipe.to(torch.int64)
+
+
 def test_long_prompt_is_truncated_with_a_warning(pipe):
     long = " ".join(parti_prompts()[:20])
     with pytest.warns(UserWarning, match="truncation dropped"):
