@@ -1,6 +1,6 @@
 """A training run small enough to try: `train all --tiny`, its run folder, resuming without encoding again,
 checkpoint pruning, and the commands RECIPE.md gives. The CLI runs here use smoke_recipe (seconds) in place
-of the tiny preset (about a minute), so only the wiring is tested; the preset itself is checked for shape."""
+of the tiny preset (under two minutes), so only the wiring is tested; the preset itself is checked for shape."""
 from __future__ import annotations
 
 import json

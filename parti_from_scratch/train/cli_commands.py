@@ -112,7 +112,7 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="output folder: <component>/ runs and pipeline/")
     p.add_argument("--tiny", action="store_true",
                    help="the tiny preset (train/default_recipe.py: tiny_recipe): narrow models, 2,000 training "
-                        "images, a few hundred steps; about a minute on a laptop CPU, blurry shapes")
+                        "images, a few hundred steps; under two minutes on one CPU core; too short to draw shapes")
     p.add_argument("--steps", type=positive_int, default=None,
                    help="optimiser steps per component (default: the recipe's)")
     p.add_argument("--batch-size", type=positive_int, default=None,

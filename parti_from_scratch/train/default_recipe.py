@@ -14,7 +14,7 @@ Three models are trained one after the other on the captioned shapes dataset
    what draws colour x shape combinations never seen in training).
 
 Every size and training setting lives in `Recipe` below; `default_recipe()` is
-the shipped model, `tiny_recipe()` a minute-long version to try (`train all --tiny`),
+the shipped model, `tiny_recipe()` a two-minute version to try (`train all --tiny`),
 `smoke_recipe()` a seconds-long one for tests. Run
 
     parti-from-scratch train all --out runs/default
@@ -56,15 +56,17 @@ class Training:
     weight_decay: float = 0.01        # AdamW decoupled weight decay
     ema_decay: Optional[float] = 0.999  # EMA of the weights, used for the shipped model (None: last weights)
     dataset_size: int = 30_000        # images of the training split (scenes are drawn once, images rendered on access)
+    checkpoints: int = 8              # checkpoints (and loss.png updates) spread over the run; the last at its end
 
     def train_config(self, out_dir: Union[str, Path], seed: int, device: str = "auto", precision: str = "fp32",
                      progress: bool = True, keep_checkpoints: int = 1) -> TrainConfig:
-        """The loop's config; a checkpoint every eighth of the run, the newest `keep_checkpoints` kept (0: all)."""
+        """The loop's config; `checkpoints` checkpoints over the run, the newest `keep_checkpoints` kept (0: all)."""
         return TrainConfig(steps=self.steps, batch_size=self.batch_size, lr=self.lr, warmup_steps=self.warmup_steps,
                            lr_schedule=self.lr_schedule, min_lr_ratio=self.min_lr_ratio,
                            weight_decay=self.weight_decay, ema_decay=self.ema_decay, seed=seed,
                            log_every=max(1, min(50, self.steps // 10)),
-                           checkpoint_every=max(1, self.steps // 8), keep_checkpoints=keep_checkpoints,
+                           checkpoint_every=max(1, self.steps // self.checkpoints),
+                           keep_checkpoints=keep_checkpoints,
                            out_dir=str(out_dir), device=device, precision=precision, progress=progress)
 
 
@@ -172,23 +174,25 @@ def default_recipe() -> Recipe:
 
 def tiny_recipe() -> Recipe:
     """The preset of `train all --tiny`: the same pipeline with narrow models, 2,000 training images and a few
-    hundred steps per model, about a minute on a laptop CPU (about 60 CPU-seconds of training). It is for seeing
-    every stage run and every file appear; its images are blurry coloured blobs, not the shipped model's shapes."""
+    hundred steps per model: under two minutes on one CPU core (about 90 CPU-seconds in all). It is for seeing
+    every stage run, every file appear and the losses fall; it is far too short to draw shapes (its images are
+    coloured noise-like textures; the shipped model took the default recipe's thousands of steps).
+    Two checkpoints per run: each also redraws loss.png, which costs more than a tiny step."""
     images = 2_000
     return Recipe(
         clip=_clip_config(text_width=32, text_layers=1, vision_width=32, vision_layers=1, heads=2, projection_dim=32),
         clip_training=Training(steps=200, batch_size=32, lr=2e-3, warmup_steps=10, ema_decay=None,
-                               dataset_size=images),
+                               dataset_size=images, checkpoints=2),
         vae=_vae_config(block_out_channels=(8, 8, 8), groups=4),
         vae_training=Training(steps=150, batch_size=16, lr=3e-3, warmup_steps=10, ema_decay=None,
-                              dataset_size=images),
-        vae_decoder_training=Training(steps=20, batch_size=16, lr=1e-3, ema_decay=None, dataset_size=images),
+                              dataset_size=images, checkpoints=2),
+        vae_decoder_training=Training(steps=20, batch_size=16, lr=1e-3, ema_decay=None, dataset_size=images, checkpoints=2),
         unet=_unet_config(block_out_channels=(16, 32), cross_attention_dim=32, heads=2, groups=4,
                           attention_levels=(1,)),
         unet_training=Training(steps=250, batch_size=32, lr=2e-3, warmup_steps=20, ema_decay=None,
-                               dataset_size=images),
+                               dataset_size=images, checkpoints=2),
         unet_finetune_training=Training(steps=30, batch_size=32, lr=5e-4, lr_schedule="constant", ema_decay=None,
-                                        dataset_size=images),
+                                        dataset_size=images, checkpoints=2),
         sampler_steps=20, guidance_scale=5.0)
 
 
