@@ -39,7 +39,7 @@ from parti_from_scratch.configuration import ConfigError, read_json
 from parti_from_scratch.outputs import ModelOutput
 from parti_from_scratch.parti.reranking import clip_pixel_values, rerank_by_clip_score
 from parti_from_scratch.parti.sampling import check_sampling_arguments, generate_image_tokens
-from parti_from_scratch.pipeline import (PromptType, _as_list, _is_int, _one_of, postprocess_image,
+from parti_from_scratch.pipeline import (PromptType, _as_list, _is_int, postprocess_image, to_arguments,
                                         warn_at_caller)
 
 SAMPLING_FILE = "sampling_defaults.json"
@@ -156,15 +156,7 @@ class PartiPipeline:
            dtype: Optional[torch.dtype] = None) -> "PartiPipeline":
         """Move the models (and the reranker's CLIP) to a device and/or floating-point dtype, as
         `TextToImagePipeline.to`: `pipe.to("cuda")`, `pipe.to(torch.float16)`, `pipe.to(device=..., dtype=...)`."""
-        for value in args:
-            if isinstance(value, torch.dtype):
-                dtype = _one_of("dtype", dtype, value)
-            elif isinstance(value, (str, torch.device)):
-                device = _one_of("device", device, value)
-            else:
-                raise TypeError(f"to() takes a device and/or a torch.dtype, got {type(value).__name__}")
-        if dtype is not None and not dtype.is_floating_point:
-            raise TypeError(f"dtype must be a floating-point torch.dtype, got {dtype!r}")
+        device, dtype = to_arguments(args, device, dtype)
         models = [self.transformer, self.vqvae] + ([self.reranker[0]] if self.reranker else [])
         for m in models:
             m.to(device=device, dtype=dtype)

@@ -39,7 +39,7 @@ import sys
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, List, Optional, Sequence, Union
+from typing import Any, Callable, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -234,6 +234,23 @@ def _one_of(name: str, first, second):
     return first if first is not None else second
 
 
+def to_arguments(args: Sequence[Any], device: Union[str, torch.device, None],
+                 dtype: Optional[torch.dtype]) -> Tuple[Optional[torch.device], Optional[torch.dtype]]:
+    """The device and dtype of a pipeline's `to(*args, device=, dtype=)`, diffusers' way: positional arguments
+    are a device (str or torch.device) and/or a torch.dtype; the dtype must be floating point."""
+    for value in args:
+        if isinstance(value, torch.dtype):
+            dtype = _one_of("dtype", dtype, value)
+        elif isinstance(value, (str, torch.device)):
+            device = _one_of("device", device, value)
+        else:
+            raise TypeError(f"to() takes a device (str or torch.device) and/or a torch.dtype, "
+                            f"got {type(value).__name__}")
+    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise TypeError(f"dtype must be a floating-point torch.dtype such as torch.float16, got {dtype!r}")
+    return (torch.device(device) if device is not None else None), dtype   # an unknown device name fails here
+
+
 class TextToImagePipeline:
     """The text-to-image pipeline. Components are attributes so a reader can call them one by one.
 
@@ -300,19 +317,7 @@ class TextToImagePipeline:
         """Move the models to a device and/or dtype, as diffusers' pipelines do:
         `pipe.to("cuda")`, `pipe.to(torch.float16)`, `pipe.to("cpu", torch.float32)`,
         `pipe.to(device=..., dtype=...)`; `torch_device` / `torch_dtype` are diffusers' older names for them."""
-        for value in args:
-            if isinstance(value, torch.dtype):
-                dtype = _one_of("dtype", dtype, value)
-            elif isinstance(value, (str, torch.device)):
-                device = _one_of("device", device, value)
-            else:
-                raise TypeError(f"to() takes a device (str or torch.device) and/or a torch.dtype, "
-                                f"got {type(value).__name__}")
-        device = _one_of("device", device, torch_device)
-        dtype = _one_of("dtype", dtype, torch_dtype)
-        if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
-            raise TypeError(f"dtype must be a floating-point torch.dtype such as torch.float16, got {dtype!r}")
-        device = torch.device(device) if device is not None else None     # an unknown name fails here, named
+        device, dtype = to_arguments(args, _one_of("device", device, torch_device), _one_of("dtype", dtype, torch_dtype))
         for m in (self.text_encoder, self.unet, self.vae):
             m.to(device=device, dtype=dtype)
         return self
