@@ -29,6 +29,7 @@ NOTEBOOKS = [
     "06_text_to_image.ipynb",
     "07_loading_pretrained_weights.ipynb",
     "08_training.ipynb",
+    "09_image_tokens.ipynb",
 ]
 CELL_TIMEOUT = 600  # seconds per cell
 

@@ -56,9 +56,10 @@ class TokenizerRecipe:
     """Everything that decides the shipped tokenizer. The model config uses diffusers VQModel key names."""
     seed: int = 0
     vqvae: dict = field(default_factory=_vq_config)
-    codebook: Codebook = field(default_factory=Codebook)
+    codebook: Codebook = field(default_factory=lambda: Codebook(
+        use_ema=True, decay=0.99, threshold_ema_dead_code=0.05, kmeans_images=256, kmeans_iters=10))
     training: Training = field(default_factory=lambda: Training(
-        steps=1500, batch_size=16, lr=2e-3, warmup_steps=50, ema_decay=None))
+        steps=1500, batch_size=16, lr=2e-3, warmup_steps=30, ema_decay=None))
     foreground_weight: float = 10.0       # pixels of the shapes weigh 1 + this in the reconstruction loss
     eval_images: int = 400                # test images the gate is measured on
     weights_dtype: str = "float16"        # dtype of the shipped weights on disk
