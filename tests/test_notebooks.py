@@ -30,6 +30,7 @@ NOTEBOOKS = [
     "07_loading_pretrained_weights.ipynb",
     "08_training.ipynb",
     "09_image_tokens.ipynb",
+    "10_writing_image_tokens.ipynb",
 ]
 CELL_TIMEOUT = 600  # seconds per cell
 
