@@ -114,6 +114,13 @@ PRESETS: Mapping[str, Mapping[str, Any]] = {
                        d_model=1024, encoder_attention_heads=16, decoder_attention_heads=16, encoder_ffn_dim=4096,
                        decoder_ffn_dim=4096, max_text_positions=128, image_grid_size=(32, 32), ffn_type="mlp",
                        sublayer_post_norm=False, bias=True),
+    # the Parti trained here on the built-in shapes (train/parti_recipe.py): Parti's pre-LN block at a small
+    # size; the text and image vocabularies, text length and grid are those of its two tokenizers
+    # (the recipe sets them from the tokenizer folders), the values below are the shipped ones
+    "shapes": dict(vocab_size=133, image_vocab_size=513, codebook_size=512, decoder_start_token_id=512,
+                   d_model=128, encoder_layers=3, decoder_layers=3, encoder_attention_heads=4,
+                   decoder_attention_heads=4, encoder_ffn_dim=512, decoder_ffn_dim=512, max_text_positions=24,
+                   image_grid_size=(8, 8), ffn_type="mlp", sublayer_post_norm=False, bias=True),
 }
 
 

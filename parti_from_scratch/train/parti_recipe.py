@@ -1,4 +1,5 @@
-"""The recipe of the Parti model the package ships, stage 1: the image tokenizer, and `train_tokenizer`.
+"""The recipe of the Parti model the package ships: stage 1, the image tokenizer (`train_tokenizer`), and stage 2,
+the encoder-decoder Transformer over its tokens (`train_parti`).
 
 Parti (Yu et al. 2022, arXiv 2206.10789) needs an image tokenizer before its
 Transformer can learn anything: a VQGAN that writes each 64x64 shapes image
@@ -16,6 +17,22 @@ time, and the gate figures measured by `evaluate_tokenizer` (the checker's
 exact-scene rate of images -> indices -> images on 400 test images, and the
 fraction of the codebook they use), for the fp32 weights and for the weights
 as saved (fp16).
+
+Stage 2 (`parti_recipe()`, `tiny_parti_recipe()` for tests) trains the
+Transformer on the tokenizer's indices of the training images (computed once,
+kept in runs/parti/transformer/tokens.safetensors) with the teacher-forced
+cross-entropy and caption dropout (components/parti.py), and writes
+runs/parti/pipeline/, a complete Parti pipeline folder that
+`PartiPipeline.from_pretrained` loads: text_tokenizer/ (the word-level
+vocabulary of the shapes grammar), transformer/, vqvae/ (the tokenizer folder,
+copied), sampling_defaults.json, RECIPE.md and recipe.json (command, time,
+held-out loss, checker adherence on the four prompt sets, seconds per image).
+
+    python -m parti_from_scratch.train.parti_recipe --out runs/parti --stage transformer
+    torchrun --nproc_per_node 2 -m parti_from_scratch.train.parti_recipe --out runs/parti --stage all
+
+`--stage all` (the default) trains both; `--stage transformer` reads the
+tokenizer from --tokenizer DIR, else runs/parti/vqvae/model, else the shipped one.
 """
 from __future__ import annotations
 
@@ -25,6 +42,7 @@ import dataclasses
 import json
 import os
 import shlex
+import shutil
 import sys
 import time
 from dataclasses import dataclass, field
@@ -70,15 +88,7 @@ class TokenizerRecipe:
     def with_overrides(self, steps: Optional[int] = None, batch_size: Optional[int] = None,
                        seed: Optional[int] = None) -> "TokenizerRecipe":
         """A copy with the steps, batch size or seed replaced."""
-        recipe = copy.deepcopy(self)
-        if seed is not None:
-            recipe.seed = seed
-        if steps is not None:
-            recipe.training.steps = steps
-            recipe.training.warmup_steps = min(recipe.training.warmup_steps, max(0, steps // 10))
-        if batch_size is not None:
-            recipe.training.batch_size = batch_size
-        return recipe
+        return _with_overrides(self, steps, batch_size, seed)
 
 
 def tokenizer_recipe() -> TokenizerRecipe:
@@ -168,27 +178,285 @@ def write_recipe_files(folder: Union[str, Path], recipe: TokenizerRecipe, row: d
     (folder / "RECIPE.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
 
 
+# ----------------------------------------------------------------------------------------------- stage 2
+
+
+SHIPPED_TOKENIZER = Path(__file__).resolve().parent.parent / "assets" / "parti_model" / "vqvae"
+ADHERENCE_SETS = ("single", "heldout_single", "pair", "heldout_pair")
+
+
+def _shapes_sizes() -> dict:
+    """The Transformer's sizes and layer style: the "shapes" preset without what the tokenizers decide."""
+    from parti_from_scratch.parti.transformer import PRESETS
+    derived = ("vocab_size", "image_vocab_size", "codebook_size", "decoder_start_token_id", "max_text_positions",
+               "image_grid_size")
+    return {k: v for k, v in PRESETS["shapes"].items() if k not in derived}
+
+
+@dataclass
+class PartiRecipe:
+    """Everything that decides the shipped Parti Transformer and its sampling defaults (stage 2)."""
+    seed: int = 0
+    transformer: dict = field(default_factory=_shapes_sizes)   # PartiTransformerConfig fields (sizes, layer style)
+    max_text_length: int = 24             # text positions: the longest caption has 21 tokens with <s> and </s>
+    training: Training = field(default_factory=lambda: Training(
+        steps=3000, batch_size=64, lr=1e-3, warmup_steps=100, ema_decay=0.999, dataset_size=30_000))
+    p_uncond: float = 0.1                 # caption -> empty prompt with this probability (classifier-free guidance)
+    # sampling_defaults.json of the pipeline folder
+    guidance_scale: float = 1.2           # lambda of l_uncond + lambda (l_cond - l_uncond); Parti's 1.2
+    temperature: float = 1.0
+    top_k: Optional[int] = None
+    top_p: Optional[float] = None
+    num_candidates: int = 1               # > 1 needs a reranker, which the folder does not hold
+    eval_prompts: Optional[int] = None    # prompts per adherence set measured after training (None: every prompt)
+    heldout_images: int = 400             # test images of the held-out loss
+    weights_dtype: str = "float16"        # dtype of the shipped Transformer weights on disk
+
+    def to_dict(self) -> dict:
+        return json.loads(json.dumps(dataclasses.asdict(self)))
+
+    def with_overrides(self, steps: Optional[int] = None, batch_size: Optional[int] = None,
+                       seed: Optional[int] = None) -> "PartiRecipe":
+        """A copy with the steps, batch size or seed replaced."""
+        return _with_overrides(self, steps, batch_size, seed)
+
+    def sampling_defaults(self):
+        from parti_from_scratch.parti_pipeline import PartiSamplingDefaults
+        return PartiSamplingDefaults(guidance_scale=self.guidance_scale, temperature=self.temperature,
+                                     top_k=self.top_k, top_p=self.top_p, num_candidates=self.num_candidates)
+
+
+def _with_overrides(recipe, steps: Optional[int], batch_size: Optional[int], seed: Optional[int]):
+    """A copy of a TokenizerRecipe or PartiRecipe with the steps, batch size or seed replaced."""
+    recipe = copy.deepcopy(recipe)
+    if seed is not None:
+        recipe.seed = seed
+    if steps is not None:
+        recipe.training.steps = steps
+        recipe.training.warmup_steps = min(recipe.training.warmup_steps, max(0, steps // 10))
+    if batch_size is not None:
+        recipe.training.batch_size = batch_size
+    return recipe
+
+
+def parti_recipe() -> PartiRecipe:
+    """The shipped Parti Transformer's recipe."""
+    return PartiRecipe()
+
+
+def tiny_parti_recipe() -> PartiRecipe:
+    """Trains in seconds (tests, smoke runs): the same pipeline with a one-layer Transformer of width 32."""
+    return PartiRecipe(
+        transformer={**_shapes_sizes(), "d_model": 32, "encoder_layers": 1, "decoder_layers": 1,
+                     "encoder_attention_heads": 2, "decoder_attention_heads": 2, "encoder_ffn_dim": 64,
+                     "decoder_ffn_dim": 64},
+        training=Training(steps=4, batch_size=8, lr=1e-3, ema_decay=None, dataset_size=64),
+        eval_prompts=2, heldout_images=16)
+
+
+def train_parti(out_dir: Union[str, Path], recipe: Optional[PartiRecipe] = None,
+                tokenizer_dir: Union[str, Path, None] = None, device: str = "auto", precision: str = "fp32",
+                progress: bool = True, resume: Optional[str] = None, command: Optional[str] = None,
+                keep_checkpoints: int = 1) -> Path:
+    """Train the Transformer on the tokenizer's indices and write out_dir/pipeline, a Parti pipeline folder.
+
+    tokenizer_dir: a VQModel folder (default: out_dir/vqvae/model if it exists, else the shipped tokenizer).
+    out_dir/transformer/ holds the run (checkpoints, loss.png, history.json, tokens.safetensors: the
+    token cache, read back by a resumed run). Under torchrun every process trains; rank 0 measures and
+    writes. Returns the pipeline folder.
+    """
+    from parti_from_scratch.data import ShapesDataset
+    from parti_from_scratch.parti.vqgan import VQModel
+
+    from .checkpoint import ensure_writable_dir
+    from .components.parti import parti_config, shapes_text_tokenizer, train_parti_transformer
+
+    recipe = recipe or parti_recipe()
+    t = recipe.training
+    if t.batch_size > t.dataset_size:
+        raise TrainError(f"transformer: batch_size={t.batch_size} is larger than the dataset "
+                         f"({t.dataset_size} samples)")
+    out = Path(out_dir)
+    tokenizer_dir = Path(tokenizer_dir) if tokenizer_dir is not None else _default_tokenizer(out)
+    if not (tokenizer_dir / "config.json").is_file():
+        raise TrainError(f"{tokenizer_dir}: no image tokenizer here (a VQModel folder with config.json); "
+                         f"train one with --stage tokenizer")
+    info = setup_distributed("cuda" if device.startswith("cuda") else "cpu")
+    try:
+        run_on_main(lambda: ensure_writable_dir(out / "transformer"), info)
+        started = time.perf_counter()
+        vqvae = VQModel.from_pretrained(tokenizer_dir).eval().requires_grad_(False)
+        text_tokenizer = shapes_text_tokenizer(recipe.max_text_length)
+        config = parti_config(recipe.transformer, vqvae, text_tokenizer)
+        data = _cached_tokens(out / "transformer", ShapesDataset("train", size=t.dataset_size, seed=recipe.seed),
+                              vqvae, text_tokenizer, progress, info)
+        precompute = time.perf_counter() - started
+        model, result = train_parti_transformer(
+            config, data, t.train_config(out / "transformer", recipe.seed, device, precision, progress,
+                                         keep_checkpoints), recipe.p_uncond, resume=resume)
+        seconds = time.perf_counter() - started
+        row = {"seconds": round(seconds, 1), "token_cache_seconds": round(precompute, 1), "steps": result.step,
+               "batch_size": t.batch_size, "processes": info.world_size, "threads": torch.get_num_threads(),
+               "final_loss": result.history[-1]["loss"] if result.history else None,
+               "tokenizer": str(tokenizer_dir)}
+        folder = out / "pipeline"
+        run_on_main(lambda: write_parti_pipeline(folder, recipe, text_tokenizer, model.cpu(), tokenizer_dir,
+                                                 row, command), info)
+        return folder
+    finally:
+        teardown_distributed(info)
+
+
+def _default_tokenizer(out: Path) -> Path:
+    trained = out / "vqvae" / "model"
+    return trained if (trained / "config.json").is_file() else SHIPPED_TOKENIZER
+
+
+def _cached_tokens(run: Path, dataset, vqvae, text_tokenizer, progress: bool, info):
+    """The training pairs (token grid, text ids): read from run/tokens.safetensors when it was made from this
+    tokenizer, text vocabulary and data, else computed by ImageTokenDataset.build and written there (rank 0)."""
+    from .components.parti import TOKENS_FILE, ImageTokenDataset, tokens_fingerprint
+
+    path = run / TOKENS_FILE
+    fingerprint = tokens_fingerprint(dataset, vqvae, text_tokenizer)
+    cached = ImageTokenDataset.load(path, fingerprint)
+    if cached is not None:
+        return cached
+    data = ImageTokenDataset.build(dataset, vqvae, text_tokenizer, progress=progress)
+    run_on_main(lambda: data.save(path, fingerprint), info)
+    return data
+
+
+def write_parti_pipeline(folder: Union[str, Path], recipe: PartiRecipe, text_tokenizer, transformer,
+                         tokenizer_dir: Union[str, Path], row: dict, command: Optional[str] = None) -> Path:
+    """Save the pipeline folder (Transformer in recipe.weights_dtype, vqvae/ copied byte for byte from
+    tokenizer_dir), measure it as saved (`measure_parti`), and write recipe.json and RECIPE.md."""
+    from parti_from_scratch.parti.vqgan import VQModel
+    from parti_from_scratch.parti_pipeline import PartiPipeline
+
+    folder = Path(folder)
+    dtype = getattr(torch, recipe.weights_dtype)
+    pipe = PartiPipeline(text_tokenizer, copy.deepcopy(transformer).to(dtype),
+                         VQModel.from_pretrained(tokenizer_dir), sampling_defaults=recipe.sampling_defaults())
+    pipe.save_pretrained(folder)
+    shutil.rmtree(folder / "vqvae")
+    shutil.copytree(tokenizer_dir, folder / "vqvae")
+    row = {**row, "parameters": sum(p.numel() for p in transformer.parameters()),
+           "measured": measure_parti(PartiPipeline.from_pretrained(folder), recipe)}
+    command = command or "python -m parti_from_scratch.train.parti_recipe --out runs/parti"
+    (folder / "recipe.json").write_text(json.dumps({"command": command, "seed": recipe.seed, "run": row,
+                                                    "recipe": recipe.to_dict()}, indent=2) + "\n", encoding="utf-8")
+    (folder / "RECIPE.md").write_text(parti_recipe_text(recipe, row, command), encoding="utf-8")
+    return folder
+
+
+def measure_parti(pipe, recipe: PartiRecipe, seed: int = 0) -> dict:
+    """What recipe.json records about a trained Parti: the held-out loss per token (test images), checker
+    adherence on the four prompt sets with the folder's sampling defaults, and seconds per 64x64 image
+    (one candidate, with the defaults' guidance; median of 7 on this machine's threads)."""
+    import math
+
+    from parti_from_scratch.data import ShapesDataset, eval_prompts
+    from parti_from_scratch.parti.transformer import autoregressive_loss
+
+    from .components.parti import ImageTokenDataset, evaluate_parti_adherence
+
+    test = ImageTokenDataset.build(ShapesDataset("test", size=recipe.heldout_images, seed=seed), pipe.vqvae,
+                                   pipe.tokenizer)
+    with torch.no_grad():
+        heldout = float(autoregressive_loss(pipe.transformer.eval(), test.input_ids.long(),
+                                            test.image_tokens.long()))
+    adherence = {}
+    for name in ADHERENCE_SETS:
+        prompts = eval_prompts(name, n=recipe.eval_prompts, seed=seed)
+        summary, _ = evaluate_parti_adherence(pipe, prompts, seed=seed)
+        adherence[name] = {**{k: v for k, v in summary.items()}, "n": len(prompts)}
+    times = []
+    for k in range(7):
+        started = time.perf_counter()
+        pipe("a large red circle on the left", generator=torch.Generator().manual_seed(k), progress=False)
+        times.append(time.perf_counter() - started)
+    return {"heldout_loss": round(heldout, 4), "log_K": round(math.log(pipe.transformer.config.codebook_size), 4),
+            "adherence": adherence, "seconds_per_image": round(sorted(times)[3], 4)}
+
+
+def parti_recipe_text(recipe: PartiRecipe, row: dict, command: str) -> str:
+    """RECIPE.md of a Parti pipeline folder."""
+    m = row["measured"]
+    t = recipe.training
+    lines = ["# How this Parti was trained", "",
+             f"An encoder-decoder Transformer (parti_from_scratch.PartiPipeline; {row['parameters']:,} parameters) "
+             "writing the image tokenizer's grid one token at a time. Retrain it with", "", f"    {command}", "",
+             f"seed {recipe.seed}; {row['steps']} steps of batch {row['batch_size']}, lr {t.lr:g}, "
+             f"caption dropout {recipe.p_uncond:g}, in {row['seconds']} s "
+             f"({row['processes']} process(es) x {row['threads']} thread(s); the token cache took "
+             f"{row['token_cache_seconds']} s of it); tokenizer: {row['tokenizer']} (copied to vqvae/). "
+             "Every setting is in recipe.json (parti_from_scratch/train/parti_recipe.py holds the same values).", "",
+             "## Measured (weights as saved)", "",
+             f"Held-out loss per token: {m['heldout_loss']:.3f} nats (log K = {m['log_K']:.3f}: no preference). "
+             f"One 64x64 image, one candidate, guidance {recipe.guidance_scale:g}: {m['seconds_per_image']:.2f} s "
+             "(median of 7).", "",
+             f"Checker adherence, one image per prompt (seed 0), guidance {recipe.guidance_scale:g}, "
+             f"temperature {recipe.temperature:g}, top-k {recipe.top_k}, top-p {recipe.top_p}:", "",
+             "| prompts | n | exact | count | colour | shape | size | position |", "|---|---|---|---|---|---|---|---|"]
+    for name, a in m["adherence"].items():
+        lines.append(f"| {name} | {a['n']} | {a['exact']:.1%} | {a['count']:.1%} | {a['colour']:.1%} "
+                     f"| {a['shape']:.1%} | {a['size']:.1%} | {a['position']:.1%} |")
+    return "\n".join(lines) + "\n"
+
+
+STAGES = ("tokenizer", "transformer", "all")
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """Command line: train the tokenizer (under torchrun too)."""
+    """Command line: train the tokenizer, the Transformer, or both (under torchrun too)."""
     parser = argparse.ArgumentParser(prog="python -m parti_from_scratch.train.parti_recipe",
-                                     description="Train Parti's image tokenizer (a VQGAN) on the built-in shapes.")
-    parser.add_argument("--out", required=True, help="output folder; the tokenizer goes to OUT/vqvae/model")
-    parser.add_argument("--steps", type=int, default=None, help="optimiser steps (default: the recipe's)")
-    parser.add_argument("--batch-size", type=int, default=None, help="global batch (default: the recipe's)")
+                                     description="Train Parti on the built-in shapes: the image tokenizer (a VQGAN), "
+                                                 "then the encoder-decoder Transformer over its tokens.")
+    parser.add_argument("--out", required=True, help="output folder: OUT/vqvae/model (the tokenizer), OUT/transformer "
+                                                     "(the run) and OUT/pipeline (the Parti pipeline folder)")
+    parser.add_argument("--stage", choices=STAGES, default="all",
+                        help="what to train (default all: the tokenizer, then the Transformer on its tokens)")
+    parser.add_argument("--tokenizer", default=None,
+                        help="--stage transformer: a VQModel folder (default: OUT/vqvae/model if present, else the "
+                             "shipped tokenizer)")
+    parser.add_argument("--steps", type=int, default=None, help="optimiser steps per stage (default: the recipe's)")
+    parser.add_argument("--batch-size", type=int, default=None, help="global batch per stage (default: the recipe's)")
     parser.add_argument("--seed", type=int, default=None, help="seed (default: the recipe's, 0)")
-    parser.add_argument("--tiny", action="store_true", help="the seconds-long test recipe")
+    parser.add_argument("--tiny", action="store_true", help="the seconds-long test recipes")
     parser.add_argument("--resume", default=None, help="'latest' or a checkpoint path")
+    parser.add_argument("--keep", type=int, default=1, help="checkpoints kept per run, the newest (0: all)")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
-    recipe = (tiny_tokenizer_recipe() if args.tiny else tokenizer_recipe()).with_overrides(
-        args.steps, args.batch_size, args.seed)
+    if args.tokenizer is not None and args.stage != "transformer":
+        parser.error("--tokenizer is for --stage transformer (--stage all trains its own)")
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     launcher = f"torchrun --nproc_per_node {world_size}" if world_size > 1 else "python"
-    command = " ".join([f"{launcher} -m parti_from_scratch.train.parti_recipe", *map(shlex.quote, sys.argv[1:])])
-    folder = train_tokenizer(args.out, recipe, device=args.device, progress=not args.no_progress,
-                             resume=args.resume, command=command)
-    if int(os.environ.get("RANK", "0")) == 0:
+    words = sys.argv[1:] if argv is None else list(argv)
+    command = " ".join([f"{launcher} -m parti_from_scratch.train.parti_recipe", *map(shlex.quote, words)])
+    # one process group for both stages; each stage's setup_distributed joins it
+    info = setup_distributed("cuda" if args.device.startswith("cuda") else "cpu")
+    try:
+        folder = None
+        if args.stage in ("tokenizer", "all"):
+            recipe = (tiny_tokenizer_recipe() if args.tiny else tokenizer_recipe()).with_overrides(
+                args.steps, args.batch_size, args.seed)
+            folder = train_tokenizer(args.out, recipe, device=args.device, progress=not args.no_progress,
+                                     resume=args.resume, command=command)
+        if args.stage in ("transformer", "all"):
+            recipe = (tiny_parti_recipe() if args.tiny else parti_recipe()).with_overrides(
+                args.steps, args.batch_size, args.seed)
+            folder = train_parti(args.out, recipe, tokenizer_dir=args.tokenizer, device=args.device,
+                                 progress=not args.no_progress, resume=args.resume, command=command,
+                                 keep_checkpoints=args.keep)
+    except TrainError as e:
+        if info.is_main:
+            print(f"parti_recipe: error: {e}", file=sys.stderr)
+        return 2
+    finally:
+        teardown_distributed(info)
+    if info.is_main:
         print(folder)
     return 0
 
