@@ -6,8 +6,8 @@ import torch
 from parti_from_scratch.parti.quantize import (VectorQuantizer, VectorQuantizerConfig, code_counts, codebook_loss,
                                                codebook_usage, commitment_loss, cosine_nearest_code, ema,
                                                ema_codebook_update, l2_normalize, laplace_smoothing, nearest_code,
-                                               perplexity, restart_dead_codes, squared_distances, straight_through,
-                                               vq_loss)
+                                               perplexity, restart_dead_codes, restart_weights, squared_distances,
+                                               straight_through, vq_loss)
 
 F64 = torch.float64
 U32 = 2.0 ** -24  # unit roundoff of float32
@@ -216,6 +216,35 @@ def test_restart_dead_codes():
     # more dead codes than vectors: only as many as there are vectors are restarted now
     few = restart_dead_codes(codebook, torch.zeros(K), z[:2], thr, generator=torch.Generator().manual_seed(1))
     assert int(few[3].sum()) == 2 and few[2] is None
+
+
+def test_restart_weights_kmeans_plus_plus_is_the_squared_distance_to_the_nearest_code():
+    """kmeans++: w_i = min_k ||z_i - e_k||^2 (checked by a float64 loop); random: w_i = 1; vectors the codebook
+    already holds exactly (w = 0) are never restarted on, so with two off-code vectors and two dead codes
+    the restarts land on exactly those two."""
+    codebook, z = randn(5, 4, seed=30).double(), randn(7, 4, seed=31).double()
+    expected = torch.tensor([min(float(((zi - e) ** 2).sum()) for e in codebook) for zi in z], dtype=torch.float64)
+    # squared_distances expands ||z||^2 - 2 z.e + ||e||^2: a few ulps of the largest term in float64
+    torch.testing.assert_close(restart_weights(z, codebook, "kmeans++"), expected, rtol=0, atol=1e-12)
+    assert torch.equal(restart_weights(z, codebook, "random"), torch.ones(7, dtype=torch.float64))
+    with pytest.raises(ValueError, match="restart rule"):
+        restart_weights(z, codebook, "nearest")
+    with pytest.raises(ValueError, match="restart_rule"):
+        VectorQuantizerConfig(num_embeddings=4, embedding_dim=2, restart_rule="nearest")
+    # batch: rows 0, 2, 3 are codes 0, 1, 2 exactly; rows 1 and 4 are far away
+    on = torch.tensor([[0.0, 0.0], [1.0, 0.0], [0.0, 1.0]])
+    batch = torch.stack([on[0], torch.tensor([5.0, 5.0]), on[1], on[2], torch.tensor([-4.0, 3.0])])
+    book = torch.cat([on, torch.zeros(2, 2)])
+    N = torch.tensor([3.0, 3.0, 3.0, 0.0, 0.0])
+    for seed in range(10):
+        new_e, _, _, restarted = restart_dead_codes(book, N, batch, 1.0, rule="kmeans++",
+                                                    generator=torch.Generator().manual_seed(seed))
+        assert restarted.tolist() == [False, False, False, True, True]
+        assert sorted(map(tuple, new_e[3:].tolist())) == [(-4.0, 3.0), (5.0, 5.0)]
+    # three dead codes but only two vectors with a nonzero weight: two restart now
+    _, _, _, restarted = restart_dead_codes(book, torch.tensor([3.0, 3.0, 0.0, 0.0, 0.0]), batch, 1.0,
+                                            rule="kmeans++", generator=torch.Generator().manual_seed(0))
+    assert int(restarted.sum()) == 2
 
 
 def test_codebook_usage_and_perplexity():

@@ -16,7 +16,7 @@ vector z of the image tokenizer's encoder. The equations, one function each:
     N_k <- gamma N_k + (1 - gamma) n_k,  m_k <- gamma m_k + (1 - gamma) sum_{i: k*(z_i) = k} z_i,
     e_k = m_k / N_k                                             `ema_codebook_update`
         (arXiv 1711.00937 Appendix A.1; `laplace_smoothing` keeps N_k > 0)
-    dead-code restarts                                          `restart_dead_codes`
+    dead-code restarts (random or k-means++ targets)            `restart_dead_codes`, `restart_weights`
     usage = |{k : n_k > 0}| / K,  perplexity = exp(-sum_k p_k log p_k)   `codebook_usage`, `perplexity`
 
 `VectorQuantizer` ties them together, for channels-first feature maps
@@ -196,26 +196,47 @@ def ema_codebook_update(cluster_size: torch.Tensor, embed_sum: torch.Tensor, z: 
     return cluster_size, embed_sum, codebook
 
 
+RESTART_RULES = ("random", "kmeans++")
+
+
+def restart_weights(z: torch.Tensor, codebook: torch.Tensor, rule: str = "random") -> torch.Tensor:
+    """How likely each batch vector z_i is to receive a restarted code, unnormalised: (n,).
+
+        random:    w_i = 1                                   every encoder output alike
+        kmeans++:  w_i = min_k ||z_i - e_k||^2               the k-means++ seeding rule (Arthur & Vassilvitskii
+                                                             2007): vectors the codebook serves worst
+    With "kmeans++" a restart lands where the quantisation error is, instead of on
+    the commonest vectors (a black background, say), which already have codes.
+    """
+    if rule == "random":
+        return torch.ones(z.shape[0], dtype=codebook.dtype, device=z.device)
+    if rule == "kmeans++":
+        return squared_distances(z.to(codebook.dtype), codebook).amin(dim=1).clamp_min(0.0)
+    raise ValueError(f"restart rule must be one of {RESTART_RULES}, got {rule!r}")
+
+
 def restart_dead_codes(codebook: torch.Tensor, cluster_size: torch.Tensor, z: torch.Tensor, threshold: float,
-                       embed_sum: Optional[torch.Tensor] = None, generator: Optional[torch.Generator] = None
-                       ) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor], torch.Tensor]:
-    """Replace every code whose EMA count N_k fell below `threshold` by a random encoder output of the batch.
+                       embed_sum: Optional[torch.Tensor] = None, generator: Optional[torch.Generator] = None,
+                       rule: str = "random") -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor], torch.Tensor]:
+    """Replace every code whose EMA count N_k fell below `threshold` by an encoder output of the batch.
 
     A code no vector chooses gets no update and stays unused for ever ("codebook
     collapse"); restarting it on a vector the encoder actually produces gives it a
     chance to win some. The new code starts with N_k = threshold (and
     m_k = threshold * e_k, so e_k = m_k / N_k), and has to win vectors to stay.
-    The batch vectors are drawn without replacement; if there are more dead codes
-    than vectors, a random subset of the dead codes is restarted now and the rest
-    in later batches.
+    The batch vectors are drawn without replacement with probability proportional
+    to `restart_weights(z, codebook, rule)` (uniform for "random"); if there are
+    more dead codes than vectors with a nonzero weight, a random subset of the dead
+    codes is restarted now and the rest in later batches.
 
     codebook: (K, d), cluster_size: (K,), z: (n, d), embed_sum: (K, d) or None
     -> (codebook, cluster_size, embed_sum, restarted mask (K,)), new tensors
     """
+    weights = restart_weights(z, codebook, rule)
     dead = cluster_size < threshold
     codebook, cluster_size = codebook.clone(), cluster_size.clone()
     embed_sum = None if embed_sum is None else embed_sum.clone()
-    num_dead, num_samples = int(dead.sum()), z.shape[0]
+    num_dead, num_samples = int(dead.sum()), int((weights > 0).sum())
     if num_dead == 0 or num_samples == 0:
         return codebook, cluster_size, embed_sum, torch.zeros_like(dead)
     if num_dead > num_samples:
@@ -225,8 +246,12 @@ def restart_dead_codes(codebook: torch.Tensor, cluster_size: torch.Tensor, z: to
         dead = torch.zeros_like(dead)
         dead[keep] = True
         num_dead = num_samples
-    # random batch vectors, without replacement: (num_dead, d)
-    samples = z[torch.randperm(num_samples, generator=generator, device=z.device)[:num_dead]].to(codebook.dtype)
+    # batch vectors drawn without replacement, P(i) proportional to w_i: (num_dead, d)
+    if rule == "random":
+        picks = torch.randperm(z.shape[0], generator=generator, device=z.device)[:num_dead]
+    else:
+        picks = torch.multinomial(weights.double(), num_dead, replacement=False, generator=generator)
+    samples = z[picks].to(codebook.dtype)
     codebook[dead] = samples
     cluster_size[dead] = threshold
     if embed_sum is not None:
@@ -282,8 +307,13 @@ class VectorQuantizerConfig:
     decay: float = 0.99                 # gamma of the EMA
     eps: float = 1e-5                   # Laplace smoothing of the EMA counts
     threshold_ema_dead_code: float = 0.0  # restart codes whose EMA count falls below this (0: never)
+    restart_rule: str = "random"        # where restarted codes land: "random" batch vectors, or "kmeans++"
+    #                                     (drawn in proportion to their squared distance to the codebook)
 
     def __post_init__(self):
+        if self.restart_rule not in RESTART_RULES:
+            raise ValueError(f"VectorQuantizerConfig.restart_rule must be one of {RESTART_RULES}, got "
+                             f"{self.restart_rule!r}")
         for name in ("num_embeddings", "embedding_dim"):
             if getattr(self, name) < 1:
                 raise ValueError(f"VectorQuantizerConfig.{name} must be >= 1, got {getattr(self, name)}")
@@ -451,7 +481,7 @@ class VectorQuantizer(nn.Module):
         if cfg.threshold_ema_dead_code > 0:
             codebook, cluster_size, embed_sum, _ = restart_dead_codes(
                 self.embedding.weight, self.cluster_size, z_e, cfg.threshold_ema_dead_code,
-                embed_sum=self.embed_sum, generator=generator)
+                embed_sum=self.embed_sum, generator=generator, rule=cfg.restart_rule)
             self.embedding.weight.copy_(codebook)
             self.cluster_size.copy_(cluster_size)
             self.embed_sum.copy_(embed_sum)

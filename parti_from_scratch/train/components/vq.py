@@ -28,8 +28,9 @@ measured in train/parti_recipe.py's RECIPE.md:
   uniform noise in [-1/K, 1/K] that no encoder output lies near;
 * the EMA codebook (`Codebook.use_ema`, decay gamma);
 * dead-code restarts (`Codebook.threshold_ema_dead_code`): a code whose EMA
-  count falls below the threshold is moved onto a random encoder output of the
-  batch.
+  count falls below the threshold is moved onto an encoder output of the batch,
+  drawn at random or, with `restart_rule="kmeans++"`, in proportion to its
+  squared distance from the codebook (so codes go where the error is).
 
 Under torchrun every process sees the whole global batch's z when the codebook
 is updated (`gather_global_batch`) and draws the restarts from the step's
@@ -65,6 +66,7 @@ class Codebook:
     use_ema: bool = True                  # codes by EMA of the vectors they win (arXiv 1711.00937 App. A.1)
     decay: float = 0.99                   # gamma of that EMA (and of the counts that decide restarts)
     threshold_ema_dead_code: float = 1.0  # restart a code whose EMA count per batch falls below this (0: never)
+    restart_rule: str = "random"          # restarts land on random batch vectors, or "kmeans++" (where the error is)
     beta: float = VQ_BETA                 # commitment weight of Eq. 3 (paper form, beta on ||z - sg(e)||^2)
     kmeans_images: int = 0                # k-means init on the untrained encoder's outputs for this many images (0: off)
     kmeans_iters: int = 10                # Lloyd iterations of that k-means
@@ -73,7 +75,8 @@ class Codebook:
         """The Euclidean (taming-style) quantizer of a VQModel, with this codebook training."""
         return VectorQuantizerConfig(num_embeddings=num_embeddings, embedding_dim=embedding_dim,
                                      use_cosine_sim=False, beta=self.beta, legacy=False, use_ema=self.use_ema,
-                                     decay=self.decay, threshold_ema_dead_code=self.threshold_ema_dead_code)
+                                     decay=self.decay, threshold_ema_dead_code=self.threshold_ema_dead_code,
+                                     restart_rule=self.restart_rule)
 
 
 def build_vq(config: Union[dict, VQModelConfig], codebook: Codebook, seed: int = 0) -> VQModel:
