@@ -1,59 +1,36 @@
 """Command line: `parti-from-scratch <command> ...` (also `python -m parti_from_scratch`).
 
     generate "PROMPT" [--model PATH] -o out.png   text -> image (the shipped model, SD weights, or a
-                                                  min-dalle / Parti folder: PartiPipeline)
+                                                  min-dalle / Parti folder: PartiPipeline;
+                                                  --model parti: the shipped Parti)
     tokenize "PROMPT"                             show CLIP's BPE tokens and ids (tutorial §3.1)
     schedules -o schedules.png                    plot beta_t, alpha_bar_t and SNR (tutorial §4.2)
     train [all|clip|vae|unet] --out DIR           retrain the shipped model, or one of its parts
-    eval [--model PATH] [--prompts SET|FILE]      grade generated images with the shapes checker
+    eval [--model PATH|parti] [--prompts SET|FILE]  grade generated images with the shapes checker
 
 Bad arguments end with one line on stderr and exit code 2, never a traceback.
 """
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 from pathlib import Path
 from typing import List, Optional
 
-from parti_from_scratch.train.cli_commands import (MAX_SEED, MAX_STEPS, CommandError, add_eval_arguments,
-                                                   add_train_arguments, check_output_path, check_text,
-                                                   guidance_scale, positive_int, sampler_steps, scheduler_names,
-                                                   seed)
+from parti_from_scratch.train.cli_commands import (MAX_SEED, MAX_STEPS, PARTI_MODEL_HELP, CommandError,
+                                                   add_eval_arguments, add_parti_arguments, add_train_arguments,
+                                                   check_output_path, check_text, guidance_scale, is_parti_model,
+                                                   load_parti, load_reranker, parti_model_path, positive_int,
+                                                   refuse_other_family, sampler_steps, scheduler_names, seed)
 
 
 class UsageError(Exception):
     """A bad argument or input file: reported as one line, exit code 2."""
 
 
-# options of one model family only: (flag, argparse dest); the other family's call refuses them
+# options of the diffusion family only: (flag, argparse dest); a Parti model's call refuses them
 DIFFUSION_ONLY = (("--negative", "negative"), ("--steps", "steps"), ("--height", "height"), ("--width", "width"),
                   ("--scheduler", "scheduler"), ("--version", "version"))
-PARTI_ONLY = (("--top-k", "top_k"), ("--temperature", "temperature"), ("--top-p", "top_p"),
-              ("--candidates", "candidates"), ("--reranker", "reranker"))
-
-
-def temperature(text: str) -> float:
-    """An argparse type: a finite float > 0."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not (math.isfinite(value) and value > 0):
-        raise argparse.ArgumentTypeError(f"must be a number > 0, got {text}")
-    return value
-
-
-def top_p(text: str) -> float:
-    """An argparse type: a float in (0, 1]."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not 0 < value <= 1:
-        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {text}")
-    return value
 
 
 def shipped_model_facts() -> dict:
@@ -94,8 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
         "(min-dalle folders default to guidance 16, top-k 256, temperature 1)."))
     g.add_argument("prompt")
     g.add_argument("--model", default=None,
-                   help="diffusers folder or single-file checkpoint (default: shipped model), or a min-dalle / "
-                        "Parti folder (PartiPipeline)")
+                   help="diffusers folder or single-file checkpoint (default: the shipped diffusion model), or a "
+                        "min-dalle / Parti folder (PartiPipeline); " + PARTI_MODEL_HELP)
     g.add_argument("-o", "--output", default="out.png",
                    help="output image, .png/.jpg/.webp/.tif (image i of n is saved as out-i.png)")
     g.add_argument("--negative", default=None, help="negative prompt")
@@ -112,14 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--grid", default=None, help="also save all images side by side to this image file")
     g.add_argument("--version", choices=("1", "2"), default=None, help="SD version of a single-file checkpoint")
     g.add_argument("--quiet", action="store_true", help="no progress bar")
-    p = g.add_argument_group("PartiPipeline (min-dalle / Parti folders)")
-    p.add_argument("--top-k", type=positive_int, default=None, help="sample among the k most likely image tokens")
-    p.add_argument("--temperature", type=temperature, default=None, help="softmax temperature, > 0")
-    p.add_argument("--top-p", type=top_p, default=None, help="sample within the nucleus of probability p, in (0, 1]")
-    p.add_argument("--candidates", type=positive_int, default=None,
-                   help="draw N images per output and keep the one CLIP scores best (needs --reranker)")
-    p.add_argument("--reranker", default=None,
-                   help="a full CLIP folder (both towers and its tokenizer, e.g. `train clip`'s <out>/clip/model)")
+    add_parti_arguments(g)
 
     t = sub.add_parser("tokenize", help="show the CLIP BPE tokens of a prompt")
     t.add_argument("prompt")
@@ -167,18 +137,15 @@ def cmd_generate(args: argparse.Namespace) -> int:
     output = check_output_path("-o/--output", args.output)
     paths = [check_output_path("-o/--output", str(p)) for p in output_paths(output, args.num_images)]
     grid = check_output_path("--grid", args.grid) if args.grid else None
-    if args.model is not None and not Path(args.model).exists():
+    model = parti_model_path(args.model)
+    if model is not None and not model.exists():
         raise UsageError(f"--model {args.model}: no such file or folder")
-    from weights_convert.parti_pipeline_loader import is_parti_pipeline_folder
-    parti = args.model is not None and is_parti_pipeline_folder(args.model)
-    family, other = ("a min-dalle / Parti folder", DIFFUSION_ONLY) if parti else ("a diffusion model", PARTI_ONLY)
-    given = [flag for flag, dest in other if getattr(args, dest) is not None]
-    if given:
-        raise UsageError(f"{', '.join(given)}: not an option for {family} (--model {args.model})")
+    parti = is_parti_model(model)
+    refuse_other_family(args, parti, DIFFUSION_ONLY)
     if parti:
-        return generate_parti(args, paths, grid)
+        return generate_parti(args, model, paths, grid)
     try:
-        pipe = TextToImagePipeline.from_pretrained(args.model, version=args.version)
+        pipe = TextToImagePipeline.from_pretrained(model, version=args.version)
     except (ValueError, OSError) as e:
         raise UsageError(f"cannot load model: {e}") from None
     f = pipe.vae_scale_factor
@@ -206,23 +173,12 @@ def save_images(images, paths: List[Path], grid: Optional[Path]) -> None:
         print(grid)
 
 
-def generate_parti(args: argparse.Namespace, paths: List[Path], grid: Optional[Path]) -> int:
+def generate_parti(args: argparse.Namespace, model: Path, paths: List[Path], grid: Optional[Path]) -> int:
     """PartiPipeline on a min-dalle or Parti folder; one generator seeded with --seed draws every image."""
     import torch
 
-    from parti_from_scratch.parti_pipeline import PartiPipeline
-    try:
-        pipe = PartiPipeline.from_pretrained(args.model)
-    except (ValueError, OSError) as e:
-        raise UsageError(f"cannot load model: {e}") from None
-    reranker = None
-    if args.reranker is not None:
-        from parti_from_scratch.clip.model import CLIPModel
-        from parti_from_scratch.clip.tokenizer import CLIPTokenizer
-        try:
-            reranker = (CLIPModel.from_pretrained(args.reranker), CLIPTokenizer.from_pretrained(args.reranker))
-        except (ValueError, OSError) as e:
-            raise UsageError(f"--reranker {args.reranker}: cannot load CLIP: {e}") from None
+    pipe = load_parti(model)
+    reranker = load_reranker(args.reranker)
     try:
         out = pipe(args.prompt, num_images_per_prompt=args.num_images, guidance_scale=args.guidance,
                    temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, num_candidates=args.candidates,

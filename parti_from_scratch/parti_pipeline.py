@@ -43,10 +43,29 @@ from parti_from_scratch.pipeline import (PromptType, _as_list, _is_int, postproc
                                         warn_at_caller)
 
 SAMPLING_FILE = "sampling_defaults.json"
+# the Parti the package ships: a pipeline folder once trained (train/parti_recipe.py); its tokenizer is in vqvae/
+PARTI_MODEL_DIR = Path(__file__).resolve().parent / "assets" / "parti_model"
+PARTI_MODEL_NAME = "parti"           # what the command line calls it: `generate "..." --model parti`
+TRAIN_PARTI_COMMAND = "torchrun --nproc_per_node 2 -m parti_from_scratch.train.parti_recipe --out runs/parti"
 NO_RERANKER = ("num_candidates={n} needs a scorer: pass reranker=(CLIPModel, CLIPTokenizer), a full CLIP with both "
                "towers (e.g. one trained with `parti-from-scratch train clip`, saved in <out>/clip/model, or "
                "openai/clip-vit-base-patch32 via CLIPModel.from_pretrained); the package ships only a CLIP text "
                "encoder, which cannot score images")
+
+
+class ShippedPartiMissingError(FileNotFoundError):
+    """The package's Parti folder holds no trained Transformer (yet)."""
+
+
+def shipped_parti_folder() -> Path:
+    """The shipped Parti's folder, or ShippedPartiMissingError saying it is not trained yet and how to train it."""
+    folder = Path(PARTI_MODEL_DIR)
+    if not (folder / "transformer" / "config.json").is_file():
+        raise ShippedPartiMissingError(
+            f"the shipped Parti is not trained yet: {folder} holds only its image tokenizer (vqvae/), no "
+            f"transformer/. Train it with `{TRAIN_PARTI_COMMAND}` and load runs/parti/pipeline "
+            f"(PartiPipeline.from_pretrained(\"runs/parti/pipeline\"), --model runs/parti/pipeline)")
+    return folder
 
 
 def check_num_candidates(num_candidates: Any) -> None:
@@ -132,13 +151,15 @@ class PartiPipeline:
 
     # ------------------------------------------------------------------ loading
     @classmethod
-    def from_pretrained(cls, path: Union[str, Path], *, dtype: Optional[torch.dtype] = torch.float32,
+    def from_pretrained(cls, path: Union[str, Path, None] = None, *, dtype: Optional[torch.dtype] = torch.float32,
                         variant: Optional[str] = None) -> "PartiPipeline":
         """Load a min-dalle folder (encoder[_mini].pt, decoder[_mini].pt, detoker.pt, vocab.json, merges.txt;
-        variant "mega" or "mini" when it holds both) or a folder written by `save_pretrained`.
+        variant "mega" or "mini" when it holds both) or a folder written by `save_pretrained`; with no path,
+        the Parti the package ships (`PARTI_MODEL_DIR`).
         (The documented upward edge to weights_convert, which knows the file layouts.)"""
         from weights_convert.parti_pipeline_loader import load_parti_pipeline
-        return load_parti_pipeline(cls, path, dtype=dtype, variant=variant)
+        return load_parti_pipeline(cls, shipped_parti_folder() if path is None else path, dtype=dtype,
+                                   variant=variant)
 
     def save_pretrained(self, folder: Union[str, Path]) -> None:
         """Write text_tokenizer/, transformer/, vqvae/ and sampling_defaults.json (the documented upward edge to

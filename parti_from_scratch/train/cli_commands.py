@@ -66,6 +66,28 @@ def guidance_scale(text: str) -> float:
     return value
 
 
+def temperature(text: str) -> float:
+    """An argparse type: a finite float > 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"must be a number > 0, got {text}")
+    return value
+
+
+def top_p(text: str) -> float:
+    """An argparse type: a float in (0, 1]."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {text}")
+    return value
+
+
 def scheduler_names() -> tuple:
     """The samplers a command can name: the keys of the package's scheduler table."""
     from parti_from_scratch.diffusion.schedulers import SCHEDULERS
@@ -128,11 +150,83 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
+# ----------------------------------------------------------------------------------------------- Parti models
+
+PARTI_MODEL_HELP = ("`parti` names the Parti the package ships (parti_from_scratch/assets/parti_model; a folder "
+                    "called parti is ./parti)")
+
+
+def parti_model_path(model: Optional[str]) -> Optional[Path]:
+    """--model as a path: the shipped Parti's folder for the name `parti` (checked to hold a trained
+    Transformer, else a CommandError saying how to train it), the path itself otherwise (None: the default)."""
+    from parti_from_scratch.parti_pipeline import PARTI_MODEL_NAME, ShippedPartiMissingError, shipped_parti_folder
+
+    if model != PARTI_MODEL_NAME:
+        return None if model is None else Path(model)
+    try:
+        return shipped_parti_folder()
+    except ShippedPartiMissingError as e:
+        raise CommandError(f"--model {PARTI_MODEL_NAME}: {e}") from None
+
+
+def is_parti_model(path: Optional[Path]) -> bool:
+    """True for a min-dalle folder or a Parti pipeline folder: the command runs PartiPipeline on it."""
+    from weights_convert.parti_pipeline_loader import is_parti_pipeline_folder
+    return path is not None and is_parti_pipeline_folder(path)
+
+
+def load_parti(path: Path):
+    from parti_from_scratch.parti_pipeline import PartiPipeline
+    try:
+        return PartiPipeline.from_pretrained(path)
+    except (ValueError, OSError) as e:
+        raise CommandError(f"cannot load model: {e}") from None
+
+
+def load_reranker(folder: Optional[str]):
+    """(CLIPModel, CLIPTokenizer) from a full CLIP folder, or None."""
+    if folder is None:
+        return None
+    from parti_from_scratch.clip.model import CLIPModel
+    from parti_from_scratch.clip.tokenizer import CLIPTokenizer
+    try:
+        return CLIPModel.from_pretrained(folder), CLIPTokenizer.from_pretrained(folder)
+    except (ValueError, OSError) as e:
+        raise CommandError(f"--reranker {folder}: cannot load CLIP: {e}") from None
+
+
+def add_parti_arguments(p: argparse.ArgumentParser) -> None:
+    """--top-k, --temperature, --top-p, --candidates, --reranker: the options of PartiPipeline models."""
+    g = p.add_argument_group("PartiPipeline (--model parti, a Parti or a min-dalle folder)")
+    g.add_argument("--top-k", type=positive_int, default=None, help="sample among the k most likely image tokens")
+    g.add_argument("--temperature", type=temperature, default=None, help="softmax temperature, > 0")
+    g.add_argument("--top-p", type=top_p, default=None, help="sample within the nucleus of probability p, in (0, 1]")
+    g.add_argument("--candidates", type=positive_int, default=None,
+                   help="draw N images per output and keep the one CLIP scores best (needs --reranker)")
+    g.add_argument("--reranker", default=None,
+                   help="a full CLIP folder (both towers and its tokenizer, e.g. `train clip`'s <out>/clip/model)")
+
+
+# options of one model family only: (flag, argparse dest); the other family's call refuses them
+PARTI_ONLY = (("--top-k", "top_k"), ("--temperature", "temperature"), ("--top-p", "top_p"),
+              ("--candidates", "candidates"), ("--reranker", "reranker"))
+
+
+def refuse_other_family(args: argparse.Namespace, parti: bool, diffusion_only: tuple) -> None:
+    """A CommandError naming the flags given that the loaded model's family does not take."""
+    family, other = ("a min-dalle / Parti folder", diffusion_only) if parti else ("a diffusion model", PARTI_ONLY)
+    given = [flag for flag, dest in other if getattr(args, dest, None) is not None]
+    if given:
+        raise CommandError(f"{', '.join(given)}: not an option for {family} (--model {args.model})")
+
+
 def add_eval_arguments(p: argparse.ArgumentParser, steps_help: str = "sampler steps (default: the model's own)",
                        guidance_help: str = "classifier-free guidance scale (default: the model's own)",
                        scheduler_help: str = "sampler (default: the model's own scheduler/)") -> None:
     """The help texts of --steps/--guidance/--scheduler come from cli.py, which reads the shipped model's."""
-    p.add_argument("--model", default=None, help="pipeline folder (default: the shipped model)")
+    p.add_argument("--model", default=None, help="pipeline folder (default: the shipped diffusion model); "
+                                                 + PARTI_MODEL_HELP + "; a Parti or min-dalle folder runs "
+                                                 "PartiPipeline with its own sampling defaults")
     p.add_argument("--prompts", default="heldout_single",
                    help="single, heldout_single, pair, heldout_pair, or a text file with one prompt a line")
     p.add_argument("--n", type=positive_int, default=None, help="use only n prompts of a built-in set")
@@ -141,6 +235,7 @@ def add_eval_arguments(p: argparse.ArgumentParser, steps_help: str = "sampler st
     p.add_argument("--seed", type=seed, default=0, help="image i uses seed + i")
     p.add_argument("--scheduler", choices=scheduler_names(), default=None, help=scheduler_help)
     p.add_argument("--grid", default=None, help="save the images with their prompts to this image file")
+    add_parti_arguments(p)
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -221,27 +316,34 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     from .components import evaluate_adherence, save_image_grid
 
-    if args.model is not None and not Path(args.model).exists():
+    model = parti_model_path(args.model)
+    if model is not None and not model.exists():
         raise CommandError(f"--model {args.model}: no such folder")
+    parti = is_parti_model(model)
+    refuse_other_family(args, parti, (("--steps", "steps"), ("--scheduler", "scheduler")))
     if args.grid is not None:
         check_output_path("--grid", args.grid)
     prompts = _read_prompts(args.prompts, args.n, args.seed)
     if args.seed + len(prompts) - 1 > MAX_SEED:
         raise CommandError(f"--seed {args.seed}: image i uses seed + i, which passes 2**64 - 1 "
                            f"for {len(prompts)} prompts")
-    try:
-        pipe = TextToImagePipeline.from_pretrained(args.model)
-    except (ValueError, OSError) as e:
-        raise CommandError(f"cannot load model: {e}") from None
-    steps = args.steps if args.steps is not None else pipe.sampling_defaults.num_inference_steps
-    guidance = args.guidance if args.guidance is not None else pipe.sampling_defaults.guidance_scale
     started = time.perf_counter()
-    try:
-        summary, images = evaluate_adherence(pipe, prompts, steps, guidance, args.seed, args.scheduler)
-    except (ValueError, TypeError, NonFiniteLatentsError) as e:
-        raise CommandError(str(e)) from None
+    if parti:
+        summary, images, settings = _eval_parti(args, model, prompts)
+    else:
+        try:
+            pipe = TextToImagePipeline.from_pretrained(model)
+        except (ValueError, OSError) as e:
+            raise CommandError(f"cannot load model: {e}") from None
+        steps = args.steps if args.steps is not None else pipe.sampling_defaults.num_inference_steps
+        guidance = args.guidance if args.guidance is not None else pipe.sampling_defaults.guidance_scale
+        try:
+            summary, images = evaluate_adherence(pipe, prompts, steps, guidance, args.seed, args.scheduler)
+        except (ValueError, TypeError, NonFiniteLatentsError) as e:
+            raise CommandError(str(e)) from None
+        settings = f"{steps} steps, guidance {guidance:g}"
     seconds = time.perf_counter() - started
-    print(f"{len(prompts)} prompts ({args.prompts}), {steps} steps, guidance {guidance:g}, seed {args.seed}, "
+    print(f"{len(prompts)} prompts ({args.prompts}), {settings}, seed {args.seed}, "
           f"{seconds / len(prompts):.2f} s/image")
     for name in ("count", "colour", "shape", "size", "position", "exact"):
         print(f"  {name:<9} {100 * summary[name]:5.1f}%")
@@ -253,3 +355,22 @@ def cmd_eval(args: argparse.Namespace) -> int:
         colours = ["darkgreen" if ok else "firebrick" for ok in exact]
         print(save_image_grid(images, args.grid, columns=min(8, len(images)), labels=labels, colours=colours))
     return 0
+
+
+def _eval_parti(args: argparse.Namespace, model: Path, prompts: list) -> tuple[dict, object, str]:
+    """Adherence of a PartiPipeline with its sampling defaults, or the flags': (summary, images, settings text)."""
+    from .components.parti import evaluate_parti_adherence
+
+    pipe = load_parti(model)
+    d = pipe.sampling_defaults
+    sampling = {"guidance_scale": args.guidance, "temperature": args.temperature, "top_k": args.top_k,
+                "top_p": args.top_p, "num_candidates": args.candidates}
+    used = {k: d.__getattribute__(k) if v is None else v for k, v in sampling.items()}
+    try:
+        summary, images = evaluate_parti_adherence(pipe, prompts, seed=args.seed, reranker=load_reranker(args.reranker),
+                                                   **sampling)
+    except (ValueError, TypeError) as e:
+        raise CommandError(str(e)) from None
+    settings = (f"guidance {used['guidance_scale']:g}, temperature {used['temperature']:g}, top-k {used['top_k']}, "
+                f"top-p {used['top_p']}, best of {used['num_candidates']}")
+    return summary, images, settings
