@@ -277,3 +277,96 @@ def test_sampling_defaults_file_is_checked(tmp_path, values, message):
     with pytest.raises(ValueError, match=re.escape(str(tmp_path / "sampling_defaults.json")) + ".*"
                        + re.escape(message)):
         PartiSamplingDefaults.read(tmp_path)
+
+
+# ------------------------------------------------------------------------------------------------ the shipped Parti
+
+@pytest.fixture(scope="module")
+def parti_folder(tmp_path_factory):
+    """A Parti pipeline folder in the layout training writes: the shapes text tokenizer, a random tiny Transformer,
+    a random tiny VQModel (8x8 tokens of 32 codes)."""
+    from parti_from_scratch.train.components.parti import build_parti, parti_config, shapes_text_tokenizer
+    from parti_from_scratch.train.components.vq import Codebook, build_vq, export_vq
+    from parti_from_scratch.train.parti_recipe import _vq_config, tiny_parti_recipe
+
+    folder = tmp_path_factory.mktemp("parti_model")
+    vq = export_vq(build_vq(_vq_config(block_out_channels=(8, 8, 8, 8), num_vq_embeddings=32, vq_embed_dim=4,
+                                       groups=4), Codebook(), seed=0))
+    tokenizer = shapes_text_tokenizer(24)
+    transformer = build_parti(parti_config(tiny_parti_recipe().transformer, vq, tokenizer), seed=0).eval()
+    PartiPipeline(tokenizer, transformer, vq, PartiSamplingDefaults(guidance_scale=2.0, top_k=8)).save_pretrained(folder)
+    return folder
+
+
+def _ship(monkeypatch, folder) -> None:
+    import parti_from_scratch.parti_pipeline as module
+    monkeypatch.setattr(module, "PARTI_MODEL_DIR", folder)
+
+
+def test_from_pretrained_without_a_path_says_the_shipped_parti_is_not_trained(tmp_path, monkeypatch):
+    from parti_from_scratch.parti_pipeline import TRAIN_PARTI_COMMAND, ShippedPartiMissingError
+    (tmp_path / "vqvae").mkdir()
+    _ship(monkeypatch, tmp_path)
+    with pytest.raises(ShippedPartiMissingError, match="the shipped Parti is not trained yet") as e:
+        PartiPipeline.from_pretrained()
+    assert TRAIN_PARTI_COMMAND in str(e.value)
+
+
+def test_from_pretrained_without_a_path_loads_the_shipped_folder(parti_folder, monkeypatch):
+    _ship(monkeypatch, parti_folder)
+    shipped, named = PartiPipeline.from_pretrained(), PartiPipeline.from_pretrained(parti_folder)
+    assert shipped.sampling_defaults == PartiSamplingDefaults(guidance_scale=2.0, top_k=8)
+    a, b = (p("a large red circle on the left", output_type="tokens", generator=torch.Generator().manual_seed(3),
+              progress=False).images for p in (shipped, named))
+    assert torch.equal(a, b)
+
+
+def test_cli_generate_model_parti(parti_folder, tmp_path, monkeypatch, capsys):
+    _ship(monkeypatch, parti_folder)
+    out = tmp_path / "parti.png"
+    assert main(["generate", "a small blue square at the top", "--model", "parti", "-o", str(out), "--quiet"]) == 0
+    assert Image.open(out).size == (64, 64)
+    # the same image as the Python call with the folder's defaults and the same seed
+    expected = PartiPipeline.from_pretrained(parti_folder)("a small blue square at the top", output_type="np",
+                                                           generator=torch.Generator().manual_seed(0),
+                                                           progress=False).images[0]
+    assert np.array_equal(np.asarray(Image.open(out)), (expected * 255).round().astype(np.uint8))
+
+
+def test_cli_model_parti_before_it_is_trained_is_one_line(tmp_path, monkeypatch, capsys):
+    from parti_from_scratch.parti_pipeline import TRAIN_PARTI_COMMAND
+    (tmp_path / "vqvae").mkdir()
+    _ship(monkeypatch, tmp_path)
+    for argv in (["generate", "a red circle", "--model", "parti", "-o", str(tmp_path / "x.png")],
+                 ["eval", "--model", "parti", "--n", "2"]):
+        assert main(argv) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and "not trained yet" in err and TRAIN_PARTI_COMMAND in err
+
+
+def test_cli_eval_grades_a_parti_folder(parti_folder, tmp_path, monkeypatch, capsys):
+    _ship(monkeypatch, parti_folder)
+    grid = tmp_path / "grid.png"
+    assert main(["eval", "--model", "parti", "--prompts", "pair", "--n", "3", "--top-k", "4",
+                 "--grid", str(grid)]) == 0
+    out = capsys.readouterr().out
+    assert "3 prompts (pair), guidance 2, temperature 1, top-k 4, top-p None, best of 1" in out
+    assert re.search(r"exact\s+\d+\.\d%", out) and grid.is_file()
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["eval", "--model", "PARTI", "--steps", "5"], "--steps: not an option for a min-dalle / Parti folder"),
+    (["eval", "--top-k", "5"], "--top-k: not an option for a diffusion model"),
+])
+def test_cli_eval_refuses_the_other_familys_options(parti_folder, monkeypatch, capsys, argv, message):
+    argv = [str(parti_folder) if a == "PARTI" else a for a in argv]
+    assert main(argv) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_help_names_the_shipped_parti():
+    from parti_from_scratch.cli import build_parser
+    parser = build_parser()
+    sub = parser._subparsers._group_actions[0].choices
+    for command in ("generate", "eval"):
+        assert "`parti` names the Parti the package ships" in " ".join(sub[command].format_help().split())
