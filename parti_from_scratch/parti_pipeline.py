@@ -158,8 +158,7 @@ class PartiPipeline:
         the Parti the package ships (`PARTI_MODEL_DIR`).
         (The documented upward edge to weights_convert, which knows the file layouts.)"""
         from weights_convert.parti_pipeline_loader import load_parti_pipeline
-        return load_parti_pipeline(cls, shipped_parti_folder() if path is None else path, dtype=dtype,
-                                   variant=variant)
+        return load_parti_pipeline(cls, path, dtype=dtype, variant=variant)
 
     def save_pretrained(self, folder: Union[str, Path]) -> None:
         """Write text_tokenizer/, transformer/, vqvae/ and sampling_defaults.json (the documented upward edge to

@@ -70,13 +70,13 @@ def save_parti_transformer(model, folder: PathLike) -> None:
     save_file({k: v.detach().contiguous() for k, v in model.state_dict().items()}, str(folder / TRANSFORMER_WEIGHTS))
 
 
-def load_parti_pipeline(cls, path: PathLike, dtype: Optional[torch.dtype] = torch.float32,
+def load_parti_pipeline(cls, path: Optional[PathLike], dtype: Optional[torch.dtype] = torch.float32,
                         variant: Optional[str] = None):
-    """`cls` (PartiPipeline) from a min-dalle folder or a folder of the pipeline's own layout."""
+    """`cls` (PartiPipeline) from a min-dalle folder or a folder of the pipeline's own layout (None: the shipped one)."""
     from parti_from_scratch.parti.text_tokenizer import PartiTextTokenizer
-    from parti_from_scratch.parti_pipeline import MIN_DALLE_DEFAULTS, PartiSamplingDefaults
+    from parti_from_scratch.parti_pipeline import MIN_DALLE_DEFAULTS, PartiSamplingDefaults, shipped_parti_folder
 
-    folder = Path(path)
+    folder = shipped_parti_folder() if path is None else Path(path)
     if not folder.is_dir():
         raise FileNotFoundError(f"{folder}: no such folder")
     files = min_dalle_files(folder, variant)
