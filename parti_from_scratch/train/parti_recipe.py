@@ -361,8 +361,9 @@ def measure_parti(pipe, recipe: PartiRecipe, seed: int = 0) -> dict:
 
     from .components.parti import ImageTokenDataset, evaluate_parti_adherence
 
+    # run by rank 0 alone: no collective inside
     test = ImageTokenDataset.build(ShapesDataset("test", size=recipe.heldout_images, seed=seed), pipe.vqvae,
-                                   pipe.tokenizer)
+                                   pipe.tokenizer, sharded=False)
     with torch.no_grad():
         heldout = float(autoregressive_loss(pipe.transformer.eval(), test.input_ids.long(),
                                             test.image_tokens.long()))

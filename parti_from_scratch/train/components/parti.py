@@ -132,9 +132,10 @@ class ImageTokenDataset(torch.utils.data.Dataset):
     @classmethod
     @torch.no_grad()
     def build(cls, dataset, vqvae: VQModel, tokenizer: PartiTextTokenizer, batch_size: int = 250,
-              progress: bool = False) -> "ImageTokenDataset":
+              progress: bool = False, sharded: bool = True) -> "ImageTokenDataset":
         """Tokenize every image of `dataset` (items (image, caption)) with the frozen VQModel, once;
-        under torchrun each process tokenizes 1/N of the images (map_sharded)."""
+        under torchrun each process tokenizes 1/N of the images (map_sharded), unless `sharded` is False
+        (a call made by one process only, e.g. rank 0 measuring)."""
         from tqdm.auto import tqdm
 
         vqvae = vqvae.eval()
@@ -150,7 +151,8 @@ class ImageTokenDataset(torch.utils.data.Dataset):
         captions = list(dataset.captions) if hasattr(dataset, "captions") else \
             [dataset[i][1] for i in range(len(dataset))]
         ids = tokenizer(captions, padding="max_length", truncation=True, return_tensors="pt").input_ids
-        return cls(map_sharded(tokens, len(dataset)), ids.to(torch.int32))
+        grids = map_sharded(tokens, len(dataset)) if sharded else tokens(0, len(dataset))
+        return cls(grids, ids.to(torch.int32))
 
     def __len__(self) -> int:
         return len(self.image_tokens)
