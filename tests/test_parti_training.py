@@ -10,7 +10,7 @@ import torch
 from torch.testing import assert_close
 
 from parti_from_scratch import PartiPipeline
-from parti_from_scratch.data import VOCABULARY, ShapesDataset
+from parti_from_scratch.data import COLOURS, VOCABULARY, ShapesDataset
 from parti_from_scratch.parti.sampling import empty_prompt_ids
 from parti_from_scratch.parti.transformer import autoregressive_loss, preset_config
 from parti_from_scratch.parti.vqgan import VQModel
@@ -85,9 +85,13 @@ def test_token_cache_holds_each_images_indices_in_raster_order(vq_folder, text_t
     x = torch.stack([data[i][0] for i in range(6)])
     expected = vq.tokenize(x)                                     # (6, 8, 8)
     assert torch.equal(tokens.image_tokens.long(), expected.flatten(1))
-    y, ids = tokens[5]
-    assert y.dtype == ids.dtype == torch.int64
+    y, ids, colourless = tokens[5]
+    assert y.dtype == ids.dtype == colourless.dtype == torch.int64
     assert torch.equal(ids, text_tokenizer([data.captions[5]], padding="max_length").input_ids[0])
+    # the same caption without its colour words
+    words = [w for w in data.captions[5].split() if w not in COLOURS]
+    assert len(words) < len(data.captions[5].split())
+    assert torch.equal(colourless, text_tokenizer([" ".join(words)], padding="max_length").input_ids[0])
 
 
 def test_token_cache_fingerprint_follows_weights_vocabulary_and_data(vq_folder, text_tokenizer, tmp_path):
@@ -97,7 +101,8 @@ def test_token_cache_fingerprint_follows_weights_vocabulary_and_data(vq_folder, 
     tokens = ImageTokenDataset.build(data, vq, text_tokenizer)
     tokens.save(tmp_path / "tokens.safetensors", fingerprint)
     loaded = ImageTokenDataset.load(tmp_path / "tokens.safetensors", fingerprint)
-    assert torch.equal(loaded.image_tokens, tokens.image_tokens) and torch.equal(loaded.input_ids, tokens.input_ids)
+    for name in ("image_tokens", "input_ids", "colourless_ids"):
+        assert torch.equal(getattr(loaded, name), getattr(tokens, name)), name
     changed_codebook = VQModel.from_pretrained(vq_folder)
     with torch.no_grad():
         changed_codebook.quantize.embedding.weight[0, 0] += 1
@@ -119,30 +124,32 @@ def _tiny_batch(vq_folder, text_tokenizer, n=8):
     vq = VQModel.from_pretrained(vq_folder)
     config = parti_config(SIZES, vq, text_tokenizer)
     data = ImageTokenDataset.build(ShapesDataset("train", size=n, seed=0), vq, text_tokenizer)
-    return config, data, (data.image_tokens.long(), data.input_ids.long())
+    return config, data, (data.image_tokens.long(), data.input_ids.long(), data.colourless_ids.long())
 
 
-@pytest.mark.parametrize("p_uncond", [0.0, 1.0])
-def test_parti_loss_is_the_teacher_forced_cross_entropy_of_the_kept_or_dropped_caption(
-        vq_folder, text_tokenizer, p_uncond):
-    """p = 0: L = autoregressive_loss(x, y); p = 1: every caption is the empty prompt <s></s>."""
-    config, _, (y, x) = _tiny_batch(vq_folder, text_tokenizer)
+@pytest.mark.parametrize("p_uncond, p_drop_colour, read", [(0.0, 0.0, "caption"), (1.0, 0.0, "empty"),
+                                                           (0.0, 1.0, "colourless"), (1.0, 1.0, "empty")])
+def test_parti_loss_is_the_teacher_forced_cross_entropy_of_the_caption_read(
+        vq_folder, text_tokenizer, p_uncond, p_drop_colour, read):
+    """L = autoregressive_loss(x', y) with x' the caption, the empty prompt <s></s> (caption dropout wins over
+    colour dropout), or the caption without its colour words."""
+    config, _, (y, x, x_plain) = _tiny_batch(vq_folder, text_tokenizer)
     model = build_parti(config, seed=1)
     empty = empty_prompt_ids(1, config.max_text_positions, config)[0]
     rng = StepRNG(0, 0, len(y), slice(0, len(y)))
-    loss, metrics = make_parti_loss(empty, p_uncond)(model, (y, x), rng)
-    expected_ids = x if p_uncond == 0 else empty.expand_as(x)
+    loss, metrics = make_parti_loss(empty, p_uncond, p_drop_colour)(model, (y, x, x_plain), rng)
+    expected_ids = {"caption": x, "empty": empty.expand_as(x), "colourless": x_plain}[read]
     # the same float32 computation on the same inputs: equal to the last bit
     assert_close(loss, autoregressive_loss(model, expected_ids, y), rtol=0, atol=0)
-    assert metrics["dropped"] == p_uncond
+    assert metrics["dropped"] == p_uncond and metrics["colourless"] == float(read == "colourless")
 
 
 def test_caption_dropout_rate_and_rows(vq_folder, text_tokenizer):
     """Over a global batch of 4,000 rows the dropped fraction is p = 0.1 within 5 binomial standard deviations
     (sqrt(p (1 - p) / n) = 0.0047), and exactly the rows StepRNG's first draw marks are the empty prompt."""
-    config, _, (y, x) = _tiny_batch(vq_folder, text_tokenizer, n=2)
+    config, _, (y, x, x_plain) = _tiny_batch(vq_folder, text_tokenizer, n=2)
     n, p = 4000, 0.1
-    y, x = y[:1].expand(n, -1), x[:1].expand(n, -1)
+    y, x, x_plain = y[:1].expand(n, -1), x[:1].expand(n, -1), x_plain[:1].expand(n, -1)
     empty = empty_prompt_ids(1, config.max_text_positions, config)[0]
     seen = {}
 
@@ -154,7 +161,7 @@ def test_caption_dropout_rate_and_rows(vq_folder, text_tokenizer):
     original = stage2.autoregressive_loss
     stage2.autoregressive_loss = spy
     try:
-        _, metrics = make_parti_loss(empty, p)(None, (y, x), rng)
+        _, metrics = make_parti_loss(empty, p)(None, (y, x, x_plain), rng)
     finally:
         stage2.autoregressive_loss = original
     dropped = (seen["ids"] == empty).all(dim=1)

@@ -202,6 +202,7 @@ class PartiRecipe:
     training: Training = field(default_factory=lambda: Training(
         steps=3000, batch_size=64, lr=1e-3, warmup_steps=100, ema_decay=0.999, dataset_size=30_000))
     p_uncond: float = 0.1                 # caption -> empty prompt with this probability (classifier-free guidance)
+    p_drop_colour: float = 0.25           # a kept caption is read without its colour words with this probability
     # sampling_defaults.json of the pipeline folder
     guidance_scale: float = 1.2           # lambda of l_uncond + lambda (l_cond - l_uncond); Parti's 1.2
     temperature: float = 1.0
@@ -293,7 +294,8 @@ def train_parti(out_dir: Union[str, Path], recipe: Optional[PartiRecipe] = None,
         precompute = time.perf_counter() - started
         model, result = train_parti_transformer(
             config, data, t.train_config(out / "transformer", recipe.seed, device, precision, progress,
-                                         keep_checkpoints), recipe.p_uncond, resume=resume)
+                                         keep_checkpoints), recipe.p_uncond, resume=resume,
+            p_drop_colour=recipe.p_drop_colour)
         seconds = time.perf_counter() - started
         row = {"seconds": round(seconds, 1), "token_cache_seconds": round(precompute, 1), "steps": result.step,
                "batch_size": t.batch_size, "processes": info.world_size, "threads": torch.get_num_threads(),
@@ -389,7 +391,8 @@ def parti_recipe_text(recipe: PartiRecipe, row: dict, command: str) -> str:
              f"An encoder-decoder Transformer (parti_from_scratch.PartiPipeline; {row['parameters']:,} parameters) "
              "writing the image tokenizer's grid one token at a time. Retrain it with", "", f"    {command}", "",
              f"seed {recipe.seed}; {row['steps']} steps of batch {row['batch_size']}, lr {t.lr:g}, "
-             f"caption dropout {recipe.p_uncond:g}, in {row['seconds']} s "
+             f"caption dropout {recipe.p_uncond:g}, colour-word dropout {recipe.p_drop_colour:g}, "
+             f"in {row['seconds']} s "
              f"({row['processes']} process(es) x {row['threads']} thread(s); the token cache took "
              f"{row['token_cache_seconds']} s of it); tokenizer: {row['tokenizer']} (copied to vqvae/). "
              "Every setting is in recipe.json (parti_from_scratch/train/parti_recipe.py holds the same values).", "",

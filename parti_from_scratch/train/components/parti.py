@@ -14,6 +14,12 @@ classifier-free guidance l = l_uncond + lambda (l_cond - l_uncond) extrapolates 
 (parti/sampling.py). x_empty is `empty_prompt_ids`: <s></s> then padding, what
 `generate_image_tokens` feeds the unconditional rows.
 
+Colour-word dropout (`p_drop_colour`, as the diffusion recipe's second UNet stage does it):
+a kept caption is read without its colour words with this probability ("a large red
+circle on the left" -> "a large circle on the left"), redrawn at every step, so that
+a shape word alone has to decide the shape; a colour and a shape never seen together
+("a red triangle") can then be drawn.
+
 The frozen tokenizer runs once, before training: the token grid of every training
 image, and the caption's text ids, are kept in the run folder
 (transformer/tokens.safetensors, with a fingerprint of the tokenizer's encoder and
@@ -51,7 +57,7 @@ from ..distributed import map_sharded
 from ..loop import StepRNG, TrainConfig, TrainResult, train
 from .common import seeded_init
 from .evaluate import safe_score
-from .unet import caption_dropout_mask
+from .unet import caption_dropout_mask, drop_colour_words
 
 TOKENS_FILE = "tokens.safetensors"
 SPECIAL_TOKENS = ("<s>", "<pad>", "</s>", "<unk>")     # ids 0-3: PartiTransformerConfig's bos/pad/eos defaults
@@ -122,12 +128,13 @@ def build_parti(config: PartiTransformerConfig, seed: int = 0) -> PartiTransform
 
 
 class ImageTokenDataset(torch.utils.data.Dataset):
-    """Item i: (y_i, x_i) = the image's token grid in raster order (N,) and its caption's text ids (T,), int64."""
+    """Item i: (y_i, x_i, x~_i) = the image's token grid in raster order (N,), its caption's text ids (T,),
+    and the ids of the caption without its colour words (T,), int64."""
 
-    def __init__(self, image_tokens: torch.Tensor, input_ids: torch.Tensor):
-        if len(image_tokens) != len(input_ids):
-            raise ValueError(f"{len(image_tokens)} token grids but {len(input_ids)} captions")
-        self.image_tokens, self.input_ids = image_tokens, input_ids
+    def __init__(self, image_tokens: torch.Tensor, input_ids: torch.Tensor, colourless_ids: torch.Tensor):
+        if not len(image_tokens) == len(input_ids) == len(colourless_ids):
+            raise ValueError(f"{len(image_tokens)} token grids but {len(input_ids)} / {len(colourless_ids)} captions")
+        self.image_tokens, self.input_ids, self.colourless_ids = image_tokens, input_ids, colourless_ids
 
     @classmethod
     @torch.no_grad()
@@ -150,20 +157,22 @@ class ImageTokenDataset(torch.utils.data.Dataset):
 
         captions = list(dataset.captions) if hasattr(dataset, "captions") else \
             [dataset[i][1] for i in range(len(dataset))]
-        ids = tokenizer(captions, padding="max_length", truncation=True, return_tensors="pt").input_ids
+        ids, colourless = (tokenizer(texts, padding="max_length", truncation=True, return_tensors="pt").input_ids
+                           for texts in (captions, drop_colour_words(captions, 1.0)))
         grids = map_sharded(tokens, len(dataset)) if sharded else tokens(0, len(dataset))
-        return cls(grids, ids.to(torch.int32))
+        return cls(grids, ids.to(torch.int32), colourless.to(torch.int32))
 
     def __len__(self) -> int:
         return len(self.image_tokens)
 
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.image_tokens[i].long(), self.input_ids[i].long()
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return self.image_tokens[i].long(), self.input_ids[i].long(), self.colourless_ids[i].long()
 
     def save(self, path: Union[str, Path], fingerprint: str) -> Path:
-        """Write both tensors to a safetensors file (atomically), with `fingerprint` in its metadata."""
+        """Write the three tensors to a safetensors file (atomically), with `fingerprint` in its metadata."""
         data = safetensors_bytes({"image_tokens": self.image_tokens.contiguous(),
-                                  "input_ids": self.input_ids.contiguous()},
+                                  "input_ids": self.input_ids.contiguous(),
+                                  "colourless_ids": self.colourless_ids.contiguous()},
                                  metadata={"format": "pt", "fingerprint": fingerprint})
         return atomic_write_bytes(path, data)
 
@@ -175,7 +184,7 @@ class ImageTokenDataset(torch.utils.data.Dataset):
         tensors, metadata = read_safetensors(path)
         if metadata.get("fingerprint") != fingerprint:
             return None
-        return cls(tensors["image_tokens"], tensors["input_ids"])
+        return cls(tensors["image_tokens"], tensors["input_ids"], tensors["colourless_ids"])
 
 
 def tokens_fingerprint(dataset, vqvae: VQModel, tokenizer: PartiTextTokenizer) -> str:
@@ -196,29 +205,33 @@ def tokens_fingerprint(dataset, vqvae: VQModel, tokenizer: PartiTextTokenizer) -
 # --------------------------------------------------------------------------------------------- the loss
 
 
-def make_parti_loss(empty_ids: torch.Tensor, p_uncond: float = 0.1):
-    """The loss_fn for `train`: the teacher-forced cross-entropy with caption dropout (module docstring).
+def make_parti_loss(empty_ids: torch.Tensor, p_uncond: float = 0.1, p_drop_colour: float = 0.0):
+    """The loss_fn for `train`: the teacher-forced cross-entropy with caption dropout and colour-word
+    dropout (module docstring).
 
     empty_ids: (T,) the text ids of the empty prompt (<s></s> then padding).
     """
     def loss_fn(model: PartiTransformer, batch: Any, rng: StepRNG) -> tuple[torch.Tensor, dict]:
-        image_tokens, input_ids = batch                         # (b, N), (b, T)
-        # classifier-free guidance training: x -> x_empty with probability p_uncond
+        image_tokens, input_ids, colourless_ids = batch         # (b, N), (b, T), (b, T)
+        # classifier-free guidance training: x -> x_empty with probability p_uncond (the step's first draw)
         drop = caption_dropout_mask(rng, p_uncond)              # (b,)
+        # a kept caption loses its colour words with probability p_drop_colour (the second draw)
+        plain = rng.bernoulli(p_drop_colour) & ~drop            # (b,)
+        input_ids = torch.where(plain[:, None], colourless_ids, input_ids)
         input_ids = torch.where(drop[:, None], empty_ids.to(input_ids), input_ids)
         # L = -(1 / bN) sum_b sum_i log p(y_i | y_<i, x')
         loss = autoregressive_loss(model, input_ids, image_tokens)
-        return loss, {"dropped": drop.float().mean().item()}
+        return loss, {"dropped": drop.float().mean().item(), "colourless": plain.float().mean().item()}
     return loss_fn
 
 
 def train_parti_transformer(config: PartiTransformerConfig, data: ImageTokenDataset, train_config: TrainConfig,
-                            p_uncond: float = 0.1, resume: Optional[str] = None
+                            p_uncond: float = 0.1, resume: Optional[str] = None, p_drop_colour: float = 0.0
                             ) -> tuple[PartiTransformer, TrainResult]:
     """Train the encoder-decoder on cached token grids; return the EMA model (or the model) in eval mode."""
     model = build_parti(config, train_config.seed)
     empty = empty_prompt_ids(1, config.max_text_positions, config)[0]
-    result = train(model, make_parti_loss(empty, p_uncond), data, train_config, resume=resume)
+    result = train(model, make_parti_loss(empty, p_uncond, p_drop_colour), data, train_config, resume=resume)
     trained = result.ema_model if result.ema_model is not None else result.model
     return trained.eval(), result
 
