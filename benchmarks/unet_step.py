@@ -30,54 +30,12 @@ import argparse
 import os
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
-
-SD15 = dict(sample_size=64, in_channels=4, out_channels=4, block_out_channels=(320, 640, 1280, 1280),
-            layers_per_block=2, cross_attention_dim=768, attention_head_dim=8,
-            down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-            up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3)
-
-
-def build_models():
-    """diffusers' UNet with random weights, and ours holding the very same tensors."""
-    from diffusers import UNet2DConditionModel as DiffusersUNet
-
-    from parti_from_scratch.unet import UNet2DConditionConfig, UNet2DConditionModel
-    from weights_convert.common import build_on_meta, load_into
-    from weights_convert.diffusers_models import from_diffusers
-
-    torch.manual_seed(0)
-    reference = DiffusersUNet(**SD15).eval()
-    config = UNet2DConditionConfig.from_dict(dict(reference.config), source="diffusers config")
-    ours = build_on_meta(lambda: UNet2DConditionModel(config))
-    load_into(ours, from_diffusers(reference.state_dict(), source="diffusers state dict"), dtype=None)
-    return ours, reference
-
-
-def timed(fn) -> float:
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
-
-
-def matmul_gflops(n: int = 2048, repeats: int = 10) -> float:
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    for _ in range(2):
-        a @ b
-    return 2 * n ** 3 / statistics.median(timed(lambda: a @ b) for _ in range(repeats)) / 1e9
-
-
-def count_flops(model, *args) -> int:
-    from torch.utils.flop_counter import FlopCounterMode
-    counter = FlopCounterMode(display=False)
-    with counter:
-        model(*args)
-    return counter.get_total_flops()
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # this folder, for common.py
+from common import build_unet_pair, count_flops, matmul_gflops, timed  # noqa: E402
 
 
 def main() -> None:
@@ -90,7 +48,7 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    ours, reference = build_models()
+    ours, reference = build_unet_pair()
     g = torch.Generator().manual_seed(0)
     z = torch.randn(2, 4, 32, 32, generator=g)
     c = torch.randn(2, 77, 768, generator=g)

@@ -28,8 +28,8 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
-from unet_step import timed  # noqa: E402  (this folder is on the path when the script runs)
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # this folder, for common.py
+from common import mirror, timed  # noqa: E402  (this folder is on the path when the script runs)
 
 MID = dict(block_out_channels=(64, 128, 128, 256), layers_per_block=2, latent_channels=32, vq_embed_dim=32,
            num_vq_embeddings=8192, norm_num_groups=32, sample_size=128,
@@ -42,17 +42,12 @@ def build_models():
     from diffusers import VQModel as DiffusersVQModel
 
     from parti_from_scratch.parti.vqgan import VQModel, VQModelConfig
-    from weights_convert.common import build_on_meta, load_into
-    from weights_convert.diffusers_models import from_diffusers
 
     torch.manual_seed(0)
     reference = DiffusersVQModel(**MID).eval()
     with torch.no_grad():  # diffusers initialises codes in [-1/K, 1/K]; spread them like the latents
         reference.quantize.embedding.weight.normal_(0.0, 0.5)
-    config = VQModelConfig.from_dict(dict(reference.config), source="diffusers config")
-    ours = build_on_meta(lambda: VQModel(config))
-    load_into(ours, from_diffusers(reference.state_dict(), source="diffusers state dict"), dtype=None)
-    return ours, reference
+    return mirror(reference, VQModelConfig, VQModel), reference
 
 
 def main() -> None:

@@ -133,3 +133,36 @@ def test_query_with_no_visible_key_outputs_zero_in_both_backends():
     assert torch.isfinite(ref).all()
     assert (ref[..., 1, :] == 0).all()
     torch.testing.assert_close(fused, ref, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_joint_qkv_projection_equals_three_projections(bias):
+    """x [W^Q, W^K, W^V] + [b^Q, b^K, b^V], split in three, equals q_proj(x), k_proj(x), v_proj(x)."""
+    torch.manual_seed(6)
+    mha = MultiHeadAttention(dim=48, n_heads=4, inner_dim=64, qkv_bias=bias)
+    x = torch.randn(2, 150, 48)
+    joint = mha.project_qkv(x)
+    for got, proj in zip(joint, (mha.q_proj, mha.k_proj, mha.v_proj)):
+        expected = split_heads(proj(x), 4)
+        # each entry is the same 48-term dot product (+ bias); the two matrix products may block the sum
+        # differently, which moves it by at most 48 * eps * sum_i |x_i w_i| (+ eps |b|): that bound, per entry
+        bound = 48 * 2.0 ** -23 * split_heads(x.abs() @ proj.weight.abs().T, 4)
+        if bias:
+            bound = bound + 2.0 ** -23 * split_heads(proj.bias.abs().expand(2, 150, 64), 4)
+        assert ((got - expected).abs() <= bound).all()
+
+
+def test_self_attention_over_many_tokens_fused_equals_explicit():
+    """The default self-attention path (joint Q/K/V product, fused kernel) against the explicit one (three
+    projections, the equation written out), on more rows than `min_joint_qkv_rows`."""
+    torch.manual_seed(7)
+    mha = MultiHeadAttention(dim=40, n_heads=5)
+    x = torch.randn(2, 300, 40)
+    assert x.shape[:-1].numel() >= mha.min_joint_qkv_rows
+    with attention_backend("explicit"):
+        expected = mha(x)
+    with attention_backend("fused"):
+        got = mha(x)
+    # as TOL's derivation with n_k = 300 keys and |v| <= ~3 (projections of randn with Linear's default init):
+    # eps * 3 * (sqrt(8) * |s| + 300) <= 1.2e-4 at the extremes; 1e-4, ~1e-7 measured
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=0)

@@ -12,9 +12,10 @@ import pytest
 import torch
 
 from parti_from_scratch.configuration import ConfigError
-from parti_from_scratch.nn.attention import attention_backend
+from parti_from_scratch.nn.attention import MultiHeadAttention, attention_backend
 from parti_from_scratch.nn.conv import Conv2d, conv2d_im2col
 from parti_from_scratch.nn.resnet import ResnetBlock2D
+from parti_from_scratch.nn.transformer_2d import BasicTransformerBlock, FeedForward
 from parti_from_scratch.unet import UNet2DConditionConfig, UNet2DConditionModel
 
 from diffusers_oracle import UNET_CONFIGS, diffusers, max_diff, reference, saved_reference, unet_inputs
@@ -95,6 +96,40 @@ def test_eps_theta_matches_diffusers_with_every_conv_as_im2col(unet_pair, monkey
     with torch.no_grad():
         assert max_diff(ours(z, 123, encoder_hidden_states=c).sample,
                         ref(z, 123, encoder_hidden_states=c).sample) <= TOL
+
+
+def test_eps_theta_matches_diffusers_with_joint_qkv_everywhere(unet_pair, monkeypatch):
+    """The whole UNet with every self-attention projecting Q, K, V as one product (the default on big maps)."""
+    monkeypatch.setattr(MultiHeadAttention, "min_joint_qkv_rows", 0)
+    name, ref, ours, size = unet_pair
+    z, c = unet_inputs(UNET_CONFIGS[name][0], size)
+    with torch.no_grad():
+        assert max_diff(ours(z, 123, encoder_hidden_states=c).sample,
+                        ref(z, 123, encoder_hidden_states=c).sample) <= TOL
+
+
+@pytest.mark.parametrize("module", ["resnet", "transformer_block", "feed_forward"])
+def test_inference_path_equals_autograd_path(module):
+    """Without autograd the blocks add and multiply in place; the values are the same, bit for bit, and the
+    caller's input is left untouched."""
+    torch.manual_seed(0)
+    if module == "resnet":
+        block = ResnetBlock2D(8, 16, temb_channels=12, groups=4, output_scale_factor=2.0)
+        inputs = (torch.randn(2, 8, 6, 6), torch.randn(2, 12))
+    elif module == "transformer_block":
+        block = BasicTransformerBlock(32, 4, cross_attention_dim=24)
+        inputs = (torch.randn(2, 150, 32), torch.randn(2, 7, 24))
+    else:
+        block = FeedForward(32)
+        inputs = (torch.randn(2, 150, 32),)
+    copies = [t.clone() for t in inputs]
+    with torch.enable_grad():
+        expected = block(*inputs)
+    with torch.no_grad():
+        got = block(*inputs)
+    # the same IEEE operations on the same operands (a + b = b + a and a * b = b * a exactly): identical bits
+    assert torch.equal(got, expected)
+    assert all(torch.equal(t, copy) for t, copy in zip(inputs, copies))
 
 
 def test_resnet_block_equation_and_gradients():

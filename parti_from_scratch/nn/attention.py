@@ -10,9 +10,12 @@ concatenates the results (Eq. 2 of the same paper):
 `explicit_attention` computes the equation term by term and is the reference.
 `scaled_dot_product_attention` calls PyTorch's fused kernel by default (same
 maths, fewer memory passes); tests/test_attention.py proves the two agree.
-Switch every call in the package to the explicit form with
-`set_attention_backend("explicit")` or the `attention_backend("explicit")`
-context manager, e.g. to step through it in a debugger.
+Under the same default, self-attention over many tokens projects Q, K and V
+with one matrix product, x [W^Q, W^K, W^V], instead of three (each output is
+the same dot product; one pass over x and a wider, faster product).
+Switch every call in the package to the explicit form (three projections, the
+equation written out) with `set_attention_backend("explicit")` or the
+`attention_backend("explicit")` context manager, e.g. to step through it in a debugger.
 
 Masks are boolean and mean "may attend": True keeps a (query, key) pair,
 False removes it (its logit becomes -inf, so its softmax weight is exactly 0).
@@ -174,14 +177,33 @@ class MultiHeadAttention(nn.Module):
         self.v_proj = nn.Linear(context_dim, inner_dim, bias=qkv_bias)
         self.out_proj = nn.Linear(inner_dim, dim, bias=out_bias)
 
+    # self-attention over at least this many rows (batch x tokens) projects Q, K, V jointly under the fused backend;
+    # below it the product is too small to repay concatenating the weights on every call
+    min_joint_qkv_rows = 256
+
     def forward(self, x: torch.Tensor, context: Optional[torch.Tensor] = None,
                 mask: Optional[torch.Tensor] = None, causal: bool = False) -> torch.Tensor:
         """x (b, n_q, dim), context (b, n_k, context_dim) or None, mask broadcastable to (b, h, n_q, n_k)."""
+        if context is None and _backend == "fused" and x.shape[:-1].numel() >= self.min_joint_qkv_rows:
+            q, k, v = self.project_qkv(x)
+            return self.attend(q, k, v, mask=mask, causal=causal)
         context = x if context is None else context
         # (b, n, h*d) -> (b, h, n, d)
         q = split_heads(self.q_proj(x), self.n_heads)
         k, v = self.project_kv(context)
         return self.attend(q, k, v, mask=mask, causal=causal)
+
+    def project_qkv(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """[Q, K, V] = x [W^Q, W^K, W^V] + [b^Q, b^K, b^V]: self-attention's three projections as one product.
+
+        Shapes: x (b, n, dim) -> 3 x (b, h, n, d). Each entry is the same dot product as in
+        q_proj(x), k_proj(x), v_proj(x); tests/test_attention.py checks the two agree.
+        """
+        weight = torch.cat([self.q_proj.weight, self.k_proj.weight, self.v_proj.weight])
+        bias = None if self.q_proj.bias is None else torch.cat([self.q_proj.bias, self.k_proj.bias, self.v_proj.bias])
+        # (b, n, dim) -> (b, n, 3 * h*d) -> 3 x (b, n, h*d) -> 3 x (b, h, n, d)
+        q, k, v = F.linear(x, weight, bias).chunk(3, dim=-1)
+        return split_heads(q, self.n_heads), split_heads(k, self.n_heads), split_heads(v, self.n_heads)
 
     def project_kv(self, context: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """K = context W^K, V = context W^V, split into heads: (b, n_k, context_dim) -> 2 x (b, h, n_k, d).

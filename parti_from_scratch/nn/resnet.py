@@ -65,13 +65,17 @@ class ResnetBlock2D(nn.Module):
 
     def forward(self, x: torch.Tensor, temb: Optional[torch.Tensor] = None) -> torch.Tensor:
         """x (b, c_in, H, W), temb (b, temb_channels) or None -> (b, c_out, H, W)."""
+        # without autograd the sums and the division overwrite the block's own fresh tensors (conv1's and
+        # conv2's outputs): the same values (skip + h = h + skip exactly), fewer full-size tensors
+        in_place = not torch.is_grad_enabled()
         h = self.conv1(group_norm_silu(x, self.norm1))
         if self.time_emb_proj is not None and temb is not None:
             # + W_t SiLU(t_emb): (b, c_out) -> (b, c_out, 1, 1), broadcast over every pixel
-            h = h + self.time_emb_proj(F.silu(temb))[:, :, None, None]
+            shift = self.time_emb_proj(F.silu(temb))[:, :, None, None]
+            h = h.add_(shift) if in_place else h + shift
         h = self.conv2(self.dropout(group_norm_silu(h, self.norm2)))
         skip = x if self.conv_shortcut is None else self.conv_shortcut(x)
-        y = skip + h
+        y = h.add_(skip) if in_place else skip + h
         if self.output_scale_factor != 1.0:
-            y = y / self.output_scale_factor
+            y = y.div_(self.output_scale_factor) if in_place else y / self.output_scale_factor
         return y

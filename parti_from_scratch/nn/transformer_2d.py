@@ -44,11 +44,16 @@ class FeedForward(nn.Module):
         self.out_proj = nn.Linear(inner, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x (b, n, dim) -> (b, n, dim)."""
+        """x (b, n, dim) -> (b, n, dim).
+
+        Without autograd the product overwrites GELU(g) in place: the same values (a * GELU(g) = GELU(g) * a
+        exactly), one fewer full-size tensor, and a contiguous input for W_2.
+        """
         # [a, g] = W_1 x + b_1: (b, n, 2*inner) -> two (b, n, inner) halves
         a, g = self.proj(x).chunk(2, dim=-1)
         # a * GELU(g): the gate decides, per feature, how much of a passes
-        return self.out_proj(self.dropout(a * F.gelu(g)))
+        gated = F.gelu(g).mul_(a) if not torch.is_grad_enabled() else a * F.gelu(g)
+        return self.out_proj(self.dropout(gated))
 
 
 class BasicTransformerBlock(nn.Module):
@@ -77,10 +82,18 @@ class BasicTransformerBlock(nn.Module):
         self.ff = FeedForward(dim)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        """x (b, n, dim) pixel tokens, context (b, n_text, cross_attention_dim) -> (b, n, dim)."""
+        """x (b, n, dim) pixel tokens, context (b, n_text, cross_attention_dim) -> (b, n, dim).
+
+        Without autograd the second and third residual sums are added in place into the block's own
+        first sum (never into the caller's x): the same values, two fewer full-size tensors.
+        """
         x = x + self.attn1(self.norm1(x), context if self.only_cross_attention else None)
-        x = x + self.attn2(self.norm2(x), context)
-        return x + self.ff(self.norm3(x))
+        if torch.is_grad_enabled():
+            x = x + self.attn2(self.norm2(x), context)
+            return x + self.ff(self.norm3(x))
+        x += self.attn2(self.norm2(x), context)
+        x += self.ff(self.norm3(x))
+        return x
 
 
 class SpatialTransformer(nn.Module):
