@@ -18,15 +18,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-# Stable Diffusion v1.5's UNet (860M parameters): 8 heads at every level, text width 768
-SD15_UNET = dict(sample_size=64, in_channels=4, out_channels=4, block_out_channels=(320, 640, 1280, 1280),
-                 layers_per_block=2, cross_attention_dim=768, attention_head_dim=8,
-                 down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-                 up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3)
-# Stable Diffusion v1.x/v2.x's KL autoencoder (84M parameters): latents 8x smaller per side
-SD15_VAE = dict(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(128, 256, 512, 512),
-                layers_per_block=2, norm_num_groups=32, sample_size=512,
-                down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4)
+from sd_configs import SD15_UNET, SD15_VAE  # noqa: E402  (this folder is on the path when a script runs)
 
 
 def mirror(reference: torch.nn.Module, config_cls, model_cls) -> torch.nn.Module:
