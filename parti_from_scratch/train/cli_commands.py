@@ -55,37 +55,22 @@ sampler_steps = int_range(1, MAX_STEPS)
 seed = int_range(0, MAX_SEED, "2**64 - 1")          # the range of torch.Generator.manual_seed
 
 
-def guidance_scale(text: str) -> float:
-    """A finite float >= 0."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not (math.isfinite(value) and value >= 0):
-        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
-    return value
+def float_type(ok: Callable[[float], bool], wanted: str) -> Callable[[str], float]:
+    """An argparse type: a float for which ok(value) holds; `wanted` says which ("a number > 0")."""
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+        if not ok(value):
+            raise argparse.ArgumentTypeError(f"must be {wanted}, got {text}")
+        return value
+    return parse
 
 
-def temperature(text: str) -> float:
-    """An argparse type: a finite float > 0."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not (math.isfinite(value) and value > 0):
-        raise argparse.ArgumentTypeError(f"must be a number > 0, got {text}")
-    return value
-
-
-def top_p(text: str) -> float:
-    """An argparse type: a float in (0, 1]."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not 0 < value <= 1:
-        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {text}")
-    return value
+guidance_scale = float_type(lambda v: math.isfinite(v) and v >= 0, "a finite number >= 0")
+temperature = float_type(lambda v: math.isfinite(v) and v > 0, "a number > 0")
+top_p = float_type(lambda v: 0 < v <= 1, "in (0, 1]")
 
 
 def scheduler_names() -> tuple:
