@@ -157,12 +157,12 @@ def test_self_attention_over_many_tokens_fused_equals_explicit():
     projections, the equation written out), on more rows than `min_joint_qkv_rows`."""
     torch.manual_seed(7)
     mha = MultiHeadAttention(dim=40, n_heads=5)
-    x = torch.randn(2, 300, 40)
+    x = torch.randn(2, 600, 40)
     assert x.shape[:-1].numel() >= mha.min_joint_qkv_rows
     with attention_backend("explicit"):
         expected = mha(x)
     with attention_backend("fused"):
         got = mha(x)
-    # as TOL's derivation with n_k = 300 keys and |v| <= ~3 (projections of randn with Linear's default init):
-    # eps * 3 * (sqrt(8) * |s| + 300) <= 1.2e-4 at the extremes; 1e-4, ~1e-7 measured
-    torch.testing.assert_close(got, expected, atol=1e-4, rtol=0)
+    # as TOL's derivation with n_k = 600 keys and |v| <= ~3 (projections of randn with Linear's default init):
+    # eps * 3 * (sqrt(8) * |s| + 600) <= 2.2e-4 at the extremes (worst-case sums); 2e-4
+    torch.testing.assert_close(got, expected, atol=2e-4, rtol=0)
