@@ -97,13 +97,29 @@ def smaller_png(data: str) -> str:
     return base64.b64encode(small).decode("ascii") if len(small) < len(raw) else data
 
 
+def merged_streams(outputs: list) -> list:
+    """`outputs` with each run of consecutive stream outputs to the same stream joined into one (a progress bar
+    arrives as one output per redraw, each starting with a carriage return)."""
+    merged = []
+    for output in outputs:
+        previous = merged[-1] if merged else None
+        if (output.output_type == "stream" and previous is not None and previous.output_type == "stream"
+                and previous.name == output.name):
+            previous.text += output.text
+        else:
+            merged.append(output)
+    return merged
+
+
 def lean(nb: nbformat.NotebookNode) -> nbformat.NotebookNode:
     """Strip what a reader does not need from the executed notebook (in place): widget state, colour codes,
-    progress-bar redraws, long text; re-encode figures."""
+    progress-bar redraws (a bar's stream outputs merged, then its last state kept), long text; re-encode figures."""
     nb.metadata.pop("widgets", None)
     nb.metadata.pop("parti_seconds", None)
     for cell in nb.cells:
         cell.metadata.pop("execution", None)
+        if cell.cell_type == "code":
+            cell.outputs = merged_streams(cell.outputs)
         for output in cell.get("outputs", []):
             if output.output_type == "stream":
                 output.text = clean_text(output.text)
