@@ -12,8 +12,9 @@ from parti_from_scratch.data import ShapesDataset
 from parti_from_scratch.parti.quantize import commitment_loss, ema_codebook_update, nearest_code
 from parti_from_scratch.train import StepRNG, TrainConfig, load_checkpoint, train
 from parti_from_scratch.train.components.vae import image_collate
-from parti_from_scratch.train.components.vq import (Codebook, build_vq, export_vq, kmeans, reconstruction_loss,
-                                                    train_vq, vq_loss_fn, vq_loss_fn_with)
+from parti_from_scratch.train.components.vq import (Codebook, build_vq, decoder_loss_fn, export_vq, finetune_decoder,
+                                                    foreground_weights, kmeans, reconstruction_loss, train_vq,
+                                                    vq_loss_fn, vq_loss_fn_with)
 from parti_from_scratch.train.parti_recipe import _vq_config, tiny_tokenizer_recipe, train_tokenizer
 
 TINY = _vq_config(block_out_channels=(8, 8, 8, 8), num_vq_embeddings=32, vq_embed_dim=4, groups=4)
@@ -48,6 +49,44 @@ def test_reconstruction_loss_weighs_the_foreground():
     # w = 4 on the red pixel, 1 elsewhere; means over the 12 elements
     assert_close(l1, torch.tensor((4 * 3 * 0.5 + 3 * 0.25) / 12), rtol=0, atol=0)
     assert_close(l2, torch.tensor((4 * 3 * 0.25 + 3 * 0.0625) / 12), rtol=0, atol=0)
+
+
+def test_foreground_weights_dilate_the_object_mask():
+    """w = 1 + f * D_r(mask): with r = 1 the 8 neighbours of a lone lit pixel weigh as much as it, the rest 1."""
+    x = -torch.ones(1, 3, 5, 5)
+    x[0, 1, 2, 2] = 1.0                                   # one green pixel in the middle
+    w0 = foreground_weights(x, 3.0)
+    w1 = foreground_weights(x, 3.0, dilation=1)
+    expected0 = torch.ones(1, 1, 5, 5)
+    expected0[0, 0, 2, 2] = 4.0
+    expected1 = torch.ones(1, 1, 5, 5)
+    expected1[0, 0, 1:4, 1:4] = 4.0
+    assert torch.equal(w0, expected0) and torch.equal(w1, expected1)
+    # at the border the dilation stops at the image's edge
+    x = -torch.ones(1, 3, 4, 4)
+    x[0, 0, 0, 0] = 1.0
+    lit = (foreground_weights(x, 1.0, dilation=2) == 2.0).squeeze()
+    assert lit.sum() == 9 and lit[:3, :3].all()
+
+
+def test_decoder_finetune_trains_only_the_decoder_and_keeps_the_tokens(tmp_path):
+    """After finetune_decoder the encoder, quant_conv and codebook are bit-identical, so every image keeps its
+    tokens; the decoder moved, and its loss on a fixed batch fell."""
+    data = ShapesDataset("train", size=32, seed=0)
+    model, _ = train_vq(TINY, Codebook(kmeans_images=8), data, _config(tmp_path / "s1", 4))
+    x = image_collate([data[i] for i in range(8)])
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    rng = StepRNG(0, 0, 8, slice(0, 8))
+    loss_before = decoder_loss_fn(model, x, rng, 10.0, 2)[0].item()
+    tuned, result = finetune_decoder(model, data, _config(tmp_path / "s2", 30), dilation=2)
+    after = tuned.state_dict()
+    assert set(after) == set(before)
+    frozen = [k for k in before if not k.startswith(("decoder.", "post_quant_conv."))]
+    assert frozen and all(torch.equal(before[k], after[k]) for k in frozen)
+    assert any(not torch.equal(before[k], after[k]) for k in before if k.startswith("decoder."))
+    assert torch.equal(tuned.tokenize(x), model.tokenize(x))
+    assert decoder_loss_fn(tuned, x, rng, 10.0, 2)[0].item() < loss_before
+    assert all(p.requires_grad for p in tuned.parameters())
 
 
 def test_vq_loss_is_reconstruction_plus_commitment_and_the_codebook_takes_its_ema_step():

@@ -51,7 +51,7 @@ from typing import Optional, Sequence, Union
 
 import torch
 
-from .components.vq import Codebook, evaluate_tokenizer, train_vq
+from .components.vq import Codebook, evaluate_tokenizer, finetune_decoder, train_vq
 from .default_recipe import Training
 from .distributed import run_on_main, setup_distributed, teardown_distributed
 from .errors import TrainError
@@ -79,6 +79,9 @@ class TokenizerRecipe:
     training: Training = field(default_factory=lambda: Training(
         steps=1500, batch_size=16, lr=2e-3, warmup_steps=30, ema_decay=None))
     foreground_weight: float = 10.0       # pixels of the shapes weigh 1 + this in the reconstruction loss
+    foreground_dilation: int = 0          # ... and so do the pixels up to this far around them (stage 1)
+    decoder_finetune: Optional[Training] = None  # then the decoder alone, encoder and codebook frozen (None: no)
+    finetune_dilation: int = 2            # the mask dilation of that decoder stage
     eval_images: int = 400                # test images the gate is measured on
     weights_dtype: str = "float16"        # dtype of the shipped weights on disk
 
@@ -127,10 +130,19 @@ def train_tokenizer(out_dir: Union[str, Path], recipe: Optional[TokenizerRecipe]
     info = setup_distributed("cuda" if device.startswith("cuda") else "cpu")
     try:
         started = time.perf_counter()
-        model, result = train_vq(recipe.vqvae, recipe.codebook, ShapesDataset("train", size=t.dataset_size,
-                                                                              seed=recipe.seed),
+        dataset = ShapesDataset("train", size=t.dataset_size, seed=recipe.seed)
+        model, result = train_vq(recipe.vqvae, recipe.codebook, dataset,
                                  t.train_config(out, recipe.seed, device, precision, progress),
-                                 recipe.foreground_weight, resume=resume)
+                                 recipe.foreground_weight, resume=resume, dilation=recipe.foreground_dilation)
+        stage_seconds = {"tokenizer": round(time.perf_counter() - started, 1)}
+        f = recipe.decoder_finetune
+        if f is not None:
+            started_decoder = time.perf_counter()
+            model, decoder_result = finetune_decoder(
+                model, ShapesDataset("train", size=f.dataset_size, seed=recipe.seed),
+                f.train_config(out / "decoder", recipe.seed, device, precision, progress),
+                recipe.foreground_weight, recipe.finetune_dilation, resume=resume)
+            stage_seconds["decoder"] = round(time.perf_counter() - started_decoder, 1)
         seconds = time.perf_counter() - started
 
         def measure_and_write() -> Path:
@@ -140,7 +152,8 @@ def train_tokenizer(out_dir: Union[str, Path], recipe: Optional[TokenizerRecipe]
             # the weights as shipped (rounded to weights_dtype), computed in float32
             measured[f"{recipe.weights_dtype} weights"] = evaluate_tokenizer(VQModel.from_pretrained(folder),
                                                                              n=recipe.eval_images)
-            row = {"seconds": round(seconds, 1), "steps": result.step, "batch_size": t.batch_size,
+            row = {"seconds": round(seconds, 1), "stage_seconds": stage_seconds, "steps": result.step,
+                   "decoder_steps": decoder_result.step if f is not None else 0, "batch_size": t.batch_size,
                    "processes": info.world_size, "threads": torch.get_num_threads(),
                    "final_loss": result.history[-1]["loss"] if result.history else None, "measured": measured}
             write_recipe_files(folder, recipe, row, command)
@@ -164,7 +177,10 @@ def write_recipe_files(folder: Union[str, Path], recipe: TokenizerRecipe, row: d
              f"A VQGAN (parti_from_scratch.VQModel): 64x64 image <-> {grid}x{grid} tokens from a codebook of "
              f"{recipe.vqvae['num_vq_embeddings']} codes of {recipe.vqvae['vq_embed_dim']} dimensions. Retrain it with",
              "", f"    {command}", "",
-             f"seed {recipe.seed}; {row['steps']} steps of batch {row['batch_size']} in {row['seconds']} s "
+             f"seed {recipe.seed}; {row['steps']} steps of batch {row['batch_size']}"
+             + (f", then {row['decoder_steps']} steps of the decoder alone (encoder and codebook frozen, mask "
+                f"dilated by {recipe.finetune_dilation} px)" if row.get("decoder_steps") else "")
+             + f" in {row['seconds']} s "
              f"({row['processes']} process(es) x {row['threads']} thread(s)); every setting is in recipe.json "
              "(parti_from_scratch/train/parti_recipe.py holds the same values).", "",
              f"## Measured: images -> indices -> images, {recipe.eval_images} test images, analytic checker", "",

@@ -48,6 +48,7 @@ from typing import Any, Optional, Union
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from parti_from_scratch.data import ShapesDataset, score, summarise
 from parti_from_scratch.parti.quantize import (VectorQuantizer, VectorQuantizerConfig, code_counts, codebook_usage,
@@ -147,17 +148,31 @@ def kmeans_init(model: VQModel, images: torch.Tensor, iters: int = 10, seed: int
 # --------------------------------------------------------------------------------------------- the loss
 
 
-def reconstruction_loss(x: torch.Tensor, x_hat: torch.Tensor, foreground_weight: float
+def foreground_weights(x: torch.Tensor, foreground_weight: float, dilation: int = 0) -> torch.Tensor:
+    """w = 1 + foreground_weight * D_r([any channel of x > -0.9]): (b, 1, H, W).
+
+    D_r dilates the object mask by r pixels (a (2r+1) x (2r+1) max filter), so the
+    black ring around each object weighs as much as the object itself: with r = 0
+    a decoder loses less by painting colour past an edge than by leaving it short,
+    and objects come back fatter (a small square then reads as a circle).
+    """
+    mask = (x.amax(dim=1, keepdim=True) > -0.9).to(x.dtype)
+    if dilation > 0:
+        mask = F.max_pool2d(mask, kernel_size=2 * dilation + 1, stride=1, padding=dilation)
+    return 1.0 + foreground_weight * mask
+
+
+def reconstruction_loss(x: torch.Tensor, x_hat: torch.Tensor, foreground_weight: float, dilation: int = 0
                         ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(mean w |x - x_hat|, mean w (x - x_hat)^2), w = 1 + foreground_weight * [any channel of x > -0.9].
+    """(mean w |x - x_hat|, mean w (x - x_hat)^2), w = `foreground_weights(x, foreground_weight, dilation)`.
 
     x, x_hat: (b, 3, H, W) in [-1, 1]; w: (b, 1, H, W), the black background weighing 1.
     """
-    w = 1.0 + foreground_weight * (x.amax(dim=1, keepdim=True) > -0.9).to(x.dtype)
+    w = foreground_weights(x, foreground_weight, dilation)
     return (w * (x - x_hat).abs()).mean(), (w * (x - x_hat) ** 2).mean()
 
 
-def vq_loss_fn(model: VQModel, x: torch.Tensor, rng: StepRNG, foreground_weight: float = 10.0
+def vq_loss_fn(model: VQModel, x: torch.Tensor, rng: StepRNG, foreground_weight: float = 10.0, dilation: int = 0
                ) -> tuple[torch.Tensor, dict]:
     """L = mean w |x - x_hat| + mean w (x - x_hat)^2 + L_VQ, with x_hat = G(z + sg(e_{k*} - z)), z = E(x).
 
@@ -176,7 +191,7 @@ def vq_loss_fn(model: VQModel, x: torch.Tensor, rng: StepRNG, foreground_weight:
     q.train(was_training)
     updating = was_training and q.tracks_counts
     x_hat = model.decode(out.quantized, force_not_quantize=True).sample
-    l1, l2 = reconstruction_loss(x, x_hat, foreground_weight)
+    l1, l2 = reconstruction_loss(x, x_hat, foreground_weight, dilation)
     loss = l1 + l2 + out.loss
     # one generator draw every step, used or not, so the random stream does not depend on the settings
     generator = rng.generator()
@@ -189,15 +204,31 @@ def vq_loss_fn(model: VQModel, x: torch.Tensor, rng: StepRNG, foreground_weight:
                   "dead_fraction": dead}
 
 
-def vq_loss_fn_with(foreground_weight: float) -> Any:
-    """The loss for a given foreground weight (see vq_loss_fn)."""
+def vq_loss_fn_with(foreground_weight: float, dilation: int = 0) -> Any:
+    """The loss for a given foreground weight and mask dilation (see vq_loss_fn)."""
     def loss_fn(model: VQModel, x: torch.Tensor, rng: StepRNG) -> tuple[torch.Tensor, dict]:
-        return vq_loss_fn(model, x, rng, foreground_weight)
+        return vq_loss_fn(model, x, rng, foreground_weight, dilation)
     return loss_fn
 
 
+def decoder_loss_fn(model: VQModel, x: torch.Tensor, rng: StepRNG, foreground_weight: float = 10.0,
+                    dilation: int = 0) -> tuple[torch.Tensor, dict]:
+    """Decoder fine-tuning: L = mean w |x - G(e_{k*(E(x))})| + mean w (x - G(e_{k*}))^2, E and the codebook frozen.
+
+    The tokens of every image stay what the first stage made them; only the way
+    they are drawn back improves (`freeze_all_but_decoder`).
+    """
+    with torch.no_grad():
+        # k*(E(x)): (b, h, w)
+        indices = model.tokenize(x)
+    x_hat = model.decode_indices(indices)
+    l1, l2 = reconstruction_loss(x, x_hat, foreground_weight, dilation)
+    return l1 + l2, {"l1": l1.item(), "l2": l2.item()}
+
+
 def train_vq(config: Union[dict, VQModelConfig], codebook: Codebook, dataset, train_config: TrainConfig,
-             foreground_weight: float = 10.0, resume: Union[str, None] = None) -> tuple[VQModel, TrainResult]:
+             foreground_weight: float = 10.0, resume: Union[str, None] = None, dilation: int = 0
+             ) -> tuple[VQModel, TrainResult]:
     """Train the tokenizer; return it as a plain VQModel (export_vq) in eval mode, and the run.
 
     With k-means on (codebook.kmeans_images > 0) the codes start at the centroids of the untrained
@@ -209,13 +240,38 @@ def train_vq(config: Union[dict, VQModelConfig], codebook: Codebook, dataset, tr
     if codebook.kmeans_images > 0 and resume is None:
         n = min(codebook.kmeans_images, len(dataset))
         kmeans_init(model, image_collate([dataset[i] for i in range(n)]), codebook.kmeans_iters, train_config.seed)
-    result = train(model, vq_loss_fn_with(foreground_weight), dataset, train_config, collate=image_collate,
+    result = train(model, vq_loss_fn_with(foreground_weight, dilation), dataset, train_config, collate=image_collate,
                    resume=resume)
     trained = result.model
     if result.ema_model is not None:
         trained = result.ema_model
         if codebook.use_ema:
             trained.quantize.embedding.weight.data.copy_(result.model.quantize.embedding.weight.detach())
+    return export_vq(trained.cpu()), result
+
+
+def freeze_all_but_decoder(model: VQModel) -> VQModel:
+    """requires_grad only for post_quant_conv and the decoder G; the encoder, quant_conv and codebook stay fixed."""
+    for name, p in model.named_parameters():
+        p.requires_grad_(name.startswith(("decoder.", "post_quant_conv.")))
+    return model
+
+
+def finetune_decoder(model: VQModel, dataset, train_config: TrainConfig, foreground_weight: float = 10.0,
+                     dilation: int = 0, resume: Union[str, None] = None) -> tuple[VQModel, TrainResult]:
+    """Train only the decoder of a trained tokenizer (`decoder_loss_fn`); return it (all weights) in eval mode.
+
+    `model` is a plain VQModel (as `train_vq` returns it): its quantizer keeps no
+    EMA statistics, so tokenizing in training mode changes nothing.
+    """
+    model = freeze_all_but_decoder(export_vq(model).train())
+
+    def loss_fn(m: VQModel, x: torch.Tensor, rng: StepRNG) -> tuple[torch.Tensor, dict]:
+        return decoder_loss_fn(m, x, rng, foreground_weight, dilation)
+    result = train(model, loss_fn, dataset, train_config, collate=image_collate, resume=resume)
+    trained = result.ema_model if result.ema_model is not None else result.model
+    for p in trained.parameters():
+        p.requires_grad_(True)
     return export_vq(trained.cpu()), result
 
 
