@@ -75,7 +75,8 @@ class TokenizerRecipe:
     seed: int = 0
     vqvae: dict = field(default_factory=_vq_config)
     codebook: Codebook = field(default_factory=lambda: Codebook(
-        use_ema=True, decay=0.99, threshold_ema_dead_code=0.05, kmeans_images=256, kmeans_iters=10))
+        use_ema=True, decay=0.99, threshold_ema_dead_code=1.0, restart_rule="kmeans++", kmeans_images=256,
+        kmeans_iters=10))
     training: Training = field(default_factory=lambda: Training(
         steps=1500, batch_size=16, lr=2e-3, warmup_steps=30, ema_decay=None))
     foreground_weight: float = 10.0       # pixels of the shapes weigh 1 + this in the reconstruction loss
