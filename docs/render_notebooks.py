@@ -83,8 +83,8 @@ def clean_text(text: str) -> str:
 
 
 def smaller_png(data: str) -> str:
-    """The base64 PNG `data`, re-encoded as a 256-colour palette PNG if that is smaller (figures of flat colours
-    and colour maps lose nothing visible)."""
+    """The base64 PNG `data`, re-encoded as a 256-colour palette PNG if that is smaller (plots, flat colours and
+    colour maps look the same; photographs and noise images are dithered to 256 colours)."""
     from PIL import Image
 
     raw = base64.b64decode(data)
@@ -201,6 +201,8 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     if args.markdown_only:
         for name in names:
+            if not (args.out / name).is_file():
+                parser.error(f"{args.out / name}: no executed copy to update; run the notebook first")
             executed = nbformat.read(args.out / name, as_version=4)
             try:
                 changed = sync_markdown(nbformat.read(SOURCE_DIR / name, as_version=4), executed)
