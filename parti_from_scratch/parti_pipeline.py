@@ -21,6 +21,8 @@ folder in this pipeline's own layout (what `save_pretrained` writes):
     transformer/      config.json (PartiTransformerConfig), model.safetensors
     vqvae/            a diffusers VQModel folder
     sampling_defaults.json   guidance_scale, temperature, top_k, top_p, num_candidates
+    reranker/         optional: a transformers CLIPModel folder (both towers) and its tokenizer, the scorer
+                      num_candidates > 1 uses when the call passes none
 
 Calls follow `TextToImagePipeline`'s conventions where they apply: `pipe(prompt,
 num_images_per_prompt=, guidance_scale=, generator=, output_type=)`, `.images`,
@@ -47,10 +49,10 @@ SAMPLING_FILE = "sampling_defaults.json"
 PARTI_MODEL_DIR = Path(__file__).resolve().parent / "assets" / "parti_model"
 PARTI_MODEL_NAME = "parti"           # what the command line calls it: `generate "..." --model parti`
 TRAIN_PARTI_COMMAND = "torchrun --nproc_per_node 2 -m parti_from_scratch.train.parti_recipe --out runs/parti"
-NO_RERANKER = ("num_candidates={n} needs a scorer: pass reranker=(CLIPModel, CLIPTokenizer), a full CLIP with both "
-               "towers (e.g. one trained with `parti-from-scratch train clip`, saved in <out>/clip/model, or "
+NO_RERANKER = ("num_candidates={n} needs a scorer{where}: pass reranker=(CLIPModel, CLIPTokenizer), a full CLIP "
+               "with both towers (e.g. one trained with `parti-from-scratch train clip`, saved in <out>/clip/model, or "
                "openai/clip-vit-base-patch32 via CLIPModel.from_pretrained); the package ships only a CLIP text "
-               "encoder, which cannot score images")
+               "encoder, which cannot score images; or save a pipeline with a reranker so its folder holds reranker/")
 
 
 class ShippedPartiMissingError(FileNotFoundError):
@@ -130,7 +132,8 @@ class PartiPipeline:
     OUTPUT_TYPES = ("pil", "np", "pt", "tokens")
 
     def __init__(self, tokenizer, transformer, vqvae, sampling_defaults: Optional[PartiSamplingDefaults] = None,
-                 reranker: Optional[Tuple[Any, Any]] = None):
+                 reranker: Optional[Tuple[Any, Any]] = None, *, source: Union[str, Path, None] = None):
+        """source: the folder the pipeline was loaded from (named by errors), None when built in memory."""
         config = transformer.config
         n_ids = max(tokenizer.get_vocab().values()) + 1
         if n_ids > config.vocab_size:
@@ -148,6 +151,7 @@ class PartiPipeline:
         self.tokenizer, self.transformer, self.vqvae = tokenizer, transformer, vqvae
         self.sampling_defaults = sampling_defaults if sampling_defaults is not None else PartiSamplingDefaults()
         self.reranker = self._checked_reranker(reranker)
+        self.source = None if source is None else Path(source)
 
     # ------------------------------------------------------------------ loading
     @classmethod
@@ -161,8 +165,8 @@ class PartiPipeline:
         return load_parti_pipeline(cls, path, dtype=dtype, variant=variant)
 
     def save_pretrained(self, folder: Union[str, Path]) -> None:
-        """Write text_tokenizer/, transformer/, vqvae/ and sampling_defaults.json (the documented upward edge to
-        weights_convert, which knows the layout)."""
+        """Write text_tokenizer/, transformer/, vqvae/, sampling_defaults.json and, with a reranker, reranker/
+        (the documented upward edge to weights_convert, which knows the layout)."""
         from weights_convert.parti_pipeline_loader import save_parti_pipeline
         save_parti_pipeline(self, folder)
 
@@ -224,7 +228,8 @@ class PartiPipeline:
         min-dalle folders: min-dalle's guidance 16, top-k 256). top_k / top_p of the defaults are switched off
         by passing top_k=self.transformer.config.codebook_size / top_p=1.0.
         num_candidates > 1: draw that many images per output and keep the one CLIP scores highest against
-            the prompt (needs `reranker=(CLIPModel, CLIPTokenizer)`, here or at construction).
+            the prompt (needs `reranker=(CLIPModel, CLIPTokenizer)`, here, at construction, or the folder's
+            reranker/ read by from_pretrained).
         generator: one torch.Generator; the same seed gives the same tokens.
         output_type: "pil", "np", "pt" (pixels in [0, 1]) or "tokens" (the image-token grids, not decoded).
         """
@@ -245,7 +250,8 @@ class PartiPipeline:
             raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
         reranker = self._checked_reranker(reranker) if reranker is not None else self.reranker
         if num_candidates > 1 and reranker is None:
-            raise ValueError(NO_RERANKER.format(n=num_candidates))
+            where = f" ({self.source} has no {self.source / 'reranker'}/ and none was passed)" if self.source else ""
+            raise ValueError(NO_RERANKER.format(n=num_candidates, where=where))
 
         # 1. text tokens, one row per drawn image: (n * m * c, T)
         ids, mask = self.encode_prompt(prompts)

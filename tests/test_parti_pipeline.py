@@ -167,7 +167,8 @@ def test_long_prompt_is_truncated_with_a_warning(pipe):
 
 
 def test_candidates_need_a_full_clip(pipe, tiny_clip):
-    with pytest.raises(ValueError, match=r"num_candidates=4 needs a scorer: pass reranker=\(CLIPModel, CLIPTokenizer\)"):
+    with pytest.raises(ValueError, match=r"num_candidates=4 needs a scorer \(.* has no .*reranker/ and none was passed\): pass "
+                       r"reranker=\(CLIPModel, CLIPTokenizer\)"):
         pipe("a cat", num_candidates=4, progress=False)
     with pytest.raises(TypeError, match="not a full CLIPModel"):
         pipe("a cat", num_candidates=2, reranker=(tiny_clip[0].text_model, tiny_clip[1]), progress=False)
@@ -362,6 +363,107 @@ def test_cli_eval_refuses_the_other_familys_options(parti_folder, monkeypatch, c
     argv = [str(parti_folder) if a == "PARTI" else a for a in argv]
     assert main(argv) == 2
     assert message in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------------------ reranker/
+
+def _with_reranker(folder, reranker, out):
+    """The pipeline at `folder` saved again at `out` with `reranker` as its component."""
+    components = {**PartiPipeline.from_pretrained(folder).components, "reranker": reranker}
+    PartiPipeline(**components).save_pretrained(out)
+    return out
+
+
+def test_folder_reranker_round_trip(parti_folder, tiny_clip, tmp_path):
+    """reranker/ holds the CLIP's transformers folder and, for the built-in vocabulary, a note instead of its files;
+    read back, the CLIP has the same tensors and the tokenizer the same ids."""
+    folder = _with_reranker(parti_folder, tiny_clip, tmp_path / "parti")
+    assert {p.name for p in (folder / "reranker").iterdir()} == {"config.json", "model.safetensors",
+                                                                 "builtin_tokenizer.json"}
+    assert json.loads((folder / "model_index.json").read_text())["reranker"] == ["transformers", "CLIPModel"]
+    clip, clip_tokenizer = PartiPipeline.from_pretrained(folder).reranker
+    want = tiny_clip[0].state_dict()
+    assert clip.state_dict().keys() == want.keys()
+    for key, value in clip.state_dict().items():
+        assert torch.equal(value, want[key]), key
+    text = "a red cube on top of a blue sphere"
+    assert clip_tokenizer(text).input_ids == tiny_clip[1](text).input_ids
+    assert clip_tokenizer.model_max_length == tiny_clip[1].model_max_length
+
+
+def test_folder_reranker_with_its_own_tokenizer_files(parti_folder, tiny_clip, tmp_path):
+    """A tokenizer other than the built-in one (here another padding token) is saved as files and read back."""
+    tokenizer = CLIPTokenizer(pad_token="!", model_max_length=20)
+    folder = _with_reranker(parti_folder, (tiny_clip[0], tokenizer), tmp_path / "parti")
+    assert not (folder / "reranker" / "builtin_tokenizer.json").exists()
+    assert (folder / "reranker" / "vocab.json").is_file() and (folder / "reranker" / "merges.txt").is_file()
+    _, again = PartiPipeline.from_pretrained(folder).reranker
+    assert again.pad_token == "!" and again.model_max_length == 20
+    assert again("a blue sphere", padding="max_length", max_length=20).input_ids == \
+        tokenizer("a blue sphere", padding="max_length", max_length=20).input_ids
+
+
+def test_folder_reranker_picks_the_candidate_clip_scores_best(parti_folder, tiny_clip, tmp_path):
+    """num_candidates=3 with no reranker passed uses the folder's: the kept image is the argmax over the 3 images the
+    same seed draws without reranking of CLIP's logits_per_text, computed here by CLIPModel.forward."""
+    pipe = PartiPipeline.from_pretrained(_with_reranker(parti_folder, tiny_clip, tmp_path / "parti"))
+    clip, clip_tokenizer = tiny_clip
+    for seed in range(8):
+        prompt = "a red square"
+        drawn = pipe(prompt, num_images_per_prompt=3, output_type="pt", generator=torch.Generator().manual_seed(seed),
+                     progress=False).images
+        ids = clip_tokenizer([prompt], padding="max_length", max_length=77, truncation=True,
+                             return_tensors="pt").input_ids
+        with torch.no_grad():
+            logits = clip(ids, clip_pixel_values(drawn * 2 - 1, 16)).logits_per_text[0]      # (3,): exp(t) cos
+        best = int(logits.argmax())
+        top2 = logits.topk(2).values
+        # a seed whose pick is not the first candidate, by a margin far above float32 rounding (~1e-6)
+        if best != 0 and top2[0] - top2[1] > 1e-4:
+            break
+    else:
+        pytest.fail("no seed in 0..7 makes the folder's reranker pick another candidate than the first")
+    out = pipe(prompt, num_candidates=3, output_type="pt", generator=torch.Generator().manual_seed(seed),
+               progress=False)
+    assert torch.equal(out.images[0], drawn[best])
+    # cosine similarity = logit / exp(t); float32 dot products of unit vectors of width 16: ~1e-6
+    torch.testing.assert_close(out.clip_scores[0], logits[best] / clip.logit_scale.exp(), rtol=1e-5, atol=1e-6)
+
+
+def test_folder_without_reranker_names_the_folder(parti_folder):
+    pipe = PartiPipeline.from_pretrained(parti_folder)
+    assert pipe.reranker is None
+    with pytest.raises(ValueError, match=re.escape(f"needs a scorer ({parti_folder} has no "
+                                                   f"{parti_folder / 'reranker'}/ and none was passed)")):
+        pipe("a red square", num_candidates=2, progress=False)
+
+
+def _edit_reranker_weights(folder, edit) -> None:
+    from safetensors.torch import load_file, save_file
+    path = folder / "reranker" / "model.safetensors"
+    state = load_file(str(path))
+    edit(state)
+    save_file(state, str(path))
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda s: s.pop("visual_projection.weight"), r"visual_projection\.weight"),
+    (lambda s: s.__setitem__("text_projection.weight", torch.zeros(3, 3)), r"text_projection\.weight"),
+])
+def test_bad_reranker_tensor_names_the_file(parti_folder, tiny_clip, tmp_path, edit, message):
+    folder = _with_reranker(parti_folder, tiny_clip, tmp_path / "parti")
+    _edit_reranker_weights(folder, edit)
+    with pytest.raises(ValueError, match=re.escape(str(folder / "reranker" / "model.safetensors")) + ".*" + message):
+        PartiPipeline.from_pretrained(folder)
+
+
+def test_text_only_reranker_is_refused(parti_folder, tiny_clip, tmp_path):
+    folder = _with_reranker(parti_folder, tiny_clip, tmp_path / "parti")
+    tiny_clip[0].text_model.save_pretrained(tmp_path / "text")
+    for name in ("config.json", "model.safetensors"):
+        (folder / "reranker" / name).write_bytes((tmp_path / "text" / name).read_bytes())
+    with pytest.raises(ValueError, match=re.escape(str(folder / "reranker" / "config.json")) + ".*vision_config"):
+        PartiPipeline.from_pretrained(folder)
 
 
 def test_help_names_the_shipped_parti():
