@@ -64,17 +64,21 @@ def pipe(min_dalle_folder):
     return PartiPipeline.from_pretrained(min_dalle_folder[0])
 
 
-@pytest.fixture(scope="module")
-def tiny_clip():
-    """A random full CLIP (both towers) on 16x16 images, and the vendored CLIP tokenizer."""
-    torch.manual_seed(0)
-    clip = CLIPModel(CLIPConfig(
+def tiny_clip_model(seed: int = 0) -> CLIPModel:
+    """A random full CLIP (both towers) on 16x16 images, with the built-in vocabulary's 49,408 text tokens."""
+    torch.manual_seed(seed)
+    return CLIPModel(CLIPConfig(
         text_config=CLIPTextConfig(hidden_size=32, intermediate_size=64, projection_dim=16, num_hidden_layers=1,
                                    num_attention_heads=2),
         vision_config=CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                                        num_attention_heads=2, image_size=16, patch_size=8),
         projection_dim=16)).eval()
-    return clip, CLIPTokenizer()
+
+
+@pytest.fixture(scope="module")
+def tiny_clip():
+    """A random full CLIP (both towers) on 16x16 images, and the vendored CLIP tokenizer."""
+    return tiny_clip_model(), CLIPTokenizer()
 
 
 def test_min_dalle_folder_loads_as_components(pipe, min_dalle_folder):

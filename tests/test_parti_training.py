@@ -9,7 +9,11 @@ import pytest
 import torch
 from torch.testing import assert_close
 
+from test_parti_pipeline import tiny_clip_model
+
 from parti_from_scratch import PartiPipeline
+from parti_from_scratch.clip.model import CLIPModel
+from parti_from_scratch.clip.tokenizer import CLIPTokenizer
 from parti_from_scratch.data import COLOURS, VOCABULARY, ShapesDataset
 from parti_from_scratch.parti.sampling import empty_prompt_ids
 from parti_from_scratch.parti.transformer import autoregressive_loss, preset_config
@@ -20,6 +24,7 @@ from parti_from_scratch.train.components.parti import (ImageTokenDataset, build_
                                                        shapes_text_tokenizer, tokens_fingerprint,
                                                        train_parti_transformer)
 from parti_from_scratch.train.components.vq import Codebook, build_vq, export_vq
+from parti_from_scratch.train.errors import TrainError
 from parti_from_scratch.train.parti_recipe import _vq_config, main, tiny_parti_recipe, train_parti
 
 TINY_VQ = _vq_config(block_out_channels=(8, 8, 8, 8), num_vq_embeddings=32, vq_embed_dim=4, groups=4)
@@ -196,9 +201,19 @@ def test_resumed_run_equals_the_uninterrupted_one(vq_folder, text_tokenizer, tmp
 # ------------------------------------------------------------------------------------------- a tiny run end to end
 
 @pytest.fixture(scope="module")
-def tiny_run(vq_folder, tmp_path_factory):
+def clip_folder(tmp_path_factory):
+    """A random full CLIP (both towers, 16x16 images) saved in float32 without tokenizer files, as `train clip`
+    writes its <out>/clip/model."""
+    folder = tmp_path_factory.mktemp("clip")
+    tiny_clip_model().save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def tiny_run(vq_folder, clip_folder, tmp_path_factory):
     out = tmp_path_factory.mktemp("parti-run")
-    folder = train_parti(out, tiny_parti_recipe(), tokenizer_dir=vq_folder, device="cpu", progress=False)
+    folder = train_parti(out, tiny_parti_recipe(), tokenizer_dir=vq_folder, device="cpu", progress=False,
+                         reranker_dir=clip_folder)
     return out, folder
 
 
@@ -225,6 +240,42 @@ def test_tiny_run_writes_a_pipeline_folder_that_loads_and_generates(tiny_run, vq
     assert measured["seconds_per_image"] > 0 and measured["heldout_loss"] > 0
     assert record["recipe"] == recipe.to_dict()
     assert "| heldout_pair | 2 |" in (folder / "RECIPE.md").read_text()
+
+
+def test_tiny_run_copies_the_reranker_in_float16(tiny_run, clip_folder):
+    """--reranker DIR: reranker/ holds the CLIP's tensors cast to float16 (the Transformer's dtype), the built-in
+    vocabulary's note, and the loaded pipeline draws the best of 2 candidates with no reranker passed."""
+    _, folder = tiny_run
+    tensors, _ = read_safetensors(folder / "reranker" / "model.safetensors")
+    source, _ = read_safetensors(clip_folder / "model.safetensors")
+    assert tensors.keys() == source.keys() and {t.dtype for t in tensors.values()} == {torch.float16}
+    for key, value in tensors.items():
+        assert torch.equal(value, source[key].half()), key          # a cast, nothing else
+    assert (folder / "reranker" / "builtin_tokenizer.json").is_file()
+    pipe = PartiPipeline.from_pretrained(folder)
+    assert isinstance(pipe.reranker[1], CLIPTokenizer)
+    out = pipe("a large red circle on the left", num_candidates=2, generator=torch.Generator().manual_seed(0),
+               output_type="pt", progress=False)
+    assert out.images.shape == (1, 3, 64, 64) and out.clip_scores.shape == (1,)
+
+
+def test_reranker_that_is_not_a_full_clip_is_refused(tmp_path, clip_folder, capsys):
+    CLIPModel.from_pretrained(clip_folder).text_model.save_pretrained(tmp_path / "text")
+    args = ["--out", str(tmp_path / "run"), "--stage", "transformer", "--tiny", "--no-progress"]
+    assert main([*args, "--reranker", str(tmp_path / "text")]) == 2
+    assert "not a full CLIP (no 'vision_config')" in capsys.readouterr().err
+    assert main([*args, "--reranker", str(tmp_path / "none")]) == 2
+    assert "no config.json" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()                          # refused before any training
+    with pytest.raises(SystemExit):
+        main(["--out", str(tmp_path / "run"), "--stage", "tokenizer", "--reranker", str(clip_folder)])
+
+
+def test_recipe_with_candidates_needs_a_reranker(tmp_path, vq_folder):
+    recipe = tiny_parti_recipe()
+    recipe.num_candidates = 4
+    with pytest.raises(TrainError, match="num_candidates=4 needs a reranker"):
+        train_parti(tmp_path, recipe, tokenizer_dir=vq_folder, device="cpu", progress=False)
 
 
 def test_resumed_tiny_run_reads_the_token_cache(tiny_run, vq_folder, monkeypatch):

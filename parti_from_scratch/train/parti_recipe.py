@@ -33,6 +33,10 @@ held-out loss, checker adherence on the four prompt sets, seconds per image).
 
 `--stage all` (the default) trains both; `--stage transformer` reads the
 tokenizer from --tokenizer DIR, else runs/parti/vqvae/model, else the shipped one.
+`--reranker DIR` (a full CLIP folder, e.g. `train clip`'s <out>/clip/model) is copied
+into the pipeline folder as reranker/ (in the Transformer's dtype), the CLIP that
+picks the best of num_candidates images; its tokenizer is the folder's files, or
+the built-in CLIP vocabulary when it has none.
 """
 from __future__ import annotations
 
@@ -229,7 +233,7 @@ class PartiRecipe:
     temperature: float = 1.0
     top_k: Optional[int] = 4              # stray tokens draw extra blobs (the checker's count) without it
     top_p: Optional[float] = None
-    num_candidates: int = 1               # > 1 needs a reranker, which the folder does not hold
+    num_candidates: int = 1               # > 1 needs a reranker in the folder (train_parti's reranker_dir)
     eval_prompts: Optional[int] = None    # prompts per adherence set measured after training (None: every prompt)
     heldout_images: int = 400             # test images of the held-out loss
     weights_dtype: str = "float16"        # dtype of the shipped Transformer weights on disk
@@ -279,13 +283,14 @@ def tiny_parti_recipe() -> PartiRecipe:
 def train_parti(out_dir: Union[str, Path], recipe: Optional[PartiRecipe] = None,
                 tokenizer_dir: Union[str, Path, None] = None, device: str = "auto", precision: str = "fp32",
                 progress: bool = True, resume: Optional[str] = None, command: Optional[str] = None,
-                keep_checkpoints: int = 1) -> Path:
+                keep_checkpoints: int = 1, reranker_dir: Union[str, Path, None] = None) -> Path:
     """Train the Transformer on the tokenizer's indices and write out_dir/pipeline, a Parti pipeline folder.
 
     tokenizer_dir: a VQModel folder (default: out_dir/vqvae/model if it exists, else the shipped tokenizer).
     out_dir/transformer/ holds the run (checkpoints, loss.png, history.json, tokens.safetensors: the
     token cache, read back by a resumed run). Under torchrun every process trains; rank 0 measures and
-    writes. Returns the pipeline folder.
+    writes. reranker_dir: a full CLIP folder copied into the pipeline folder as reranker/ (`read_reranker`).
+    Returns the pipeline folder.
     """
     from parti_from_scratch.data import ShapesDataset
     from parti_from_scratch.parti.vqgan import VQModel
@@ -298,6 +303,10 @@ def train_parti(out_dir: Union[str, Path], recipe: Optional[PartiRecipe] = None,
     if t.batch_size > t.dataset_size:
         raise TrainError(f"transformer: batch_size={t.batch_size} is larger than the dataset "
                          f"({t.dataset_size} samples)")
+    reranker = read_reranker(reranker_dir) if reranker_dir is not None else None
+    if recipe.num_candidates > 1 and reranker is None:
+        raise TrainError(f"the recipe's num_candidates={recipe.num_candidates} needs a reranker: give a full CLIP "
+                         f"folder (--reranker DIR)")
     out = Path(out_dir)
     tokenizer_dir = Path(tokenizer_dir) if tokenizer_dir is not None else _default_tokenizer(out)
     if not (tokenizer_dir / "config.json").is_file():
@@ -324,7 +333,7 @@ def train_parti(out_dir: Union[str, Path], recipe: Optional[PartiRecipe] = None,
                "tokenizer": str(tokenizer_dir)}
         folder = out / "pipeline"
         run_on_main(lambda: write_parti_pipeline(folder, recipe, text_tokenizer, model.cpu(), tokenizer_dir,
-                                                 row, command), info)
+                                                 row, command, reranker=reranker), info)
         return folder
     finally:
         teardown_distributed(info)
@@ -333,6 +342,30 @@ def train_parti(out_dir: Union[str, Path], recipe: Optional[PartiRecipe] = None,
 def _default_tokenizer(out: Path) -> Path:
     trained = out / "vqvae" / "model"
     return trained if (trained / "config.json").is_file() else SHIPPED_TOKENIZER
+
+
+def read_reranker(folder: Union[str, Path]):
+    """(CLIPModel, CLIPTokenizer) of a full CLIP folder (config.json with a vision_config, the weights); the
+    tokenizer from its tokenizer.json or vocab.json + merges.txt, else the built-in CLIP vocabulary. TrainError
+    naming the folder when it is not one."""
+    from parti_from_scratch.clip.model import CLIPModel
+    from parti_from_scratch.clip.tokenizer import CLIPTokenizer
+    from parti_from_scratch.configuration import read_json
+
+    folder = Path(folder)
+    config = folder / "config.json"
+    if not config.is_file():
+        raise TrainError(f"--reranker {folder}: no config.json (a transformers CLIPModel folder)")
+    try:
+        if "vision_config" not in read_json(config):
+            raise TrainError(f"--reranker {config}: not a full CLIP (no 'vision_config'); reranking scores images, "
+                             f"it needs both towers")
+        clip = CLIPModel.from_pretrained(folder, dtype=None).eval()
+        has_files = (folder / "tokenizer.json").is_file() or (folder / "vocab.json").is_file()
+        tokenizer = CLIPTokenizer.from_pretrained(folder) if has_files else CLIPTokenizer()
+    except (ValueError, OSError) as e:
+        raise TrainError(f"--reranker {folder}: cannot load CLIP: {e}") from None
+    return clip, tokenizer
 
 
 def _cached_tokens(run: Path, dataset, vqvae, text_tokenizer, progress: bool, info):
@@ -351,16 +384,18 @@ def _cached_tokens(run: Path, dataset, vqvae, text_tokenizer, progress: bool, in
 
 
 def write_parti_pipeline(folder: Union[str, Path], recipe: PartiRecipe, text_tokenizer, transformer,
-                         tokenizer_dir: Union[str, Path], row: dict, command: Optional[str] = None) -> Path:
-    """Save the pipeline folder (Transformer in recipe.weights_dtype, vqvae/ copied byte for byte from
-    tokenizer_dir), measure it as saved (`measure_parti`), and write recipe.json and RECIPE.md."""
+                         tokenizer_dir: Union[str, Path], row: dict, command: Optional[str] = None,
+                         reranker=None) -> Path:
+    """Save the pipeline folder (Transformer and the reranker's CLIP, if any, in recipe.weights_dtype, vqvae/
+    copied byte for byte from tokenizer_dir), measure it as saved (`measure_parti`), and write recipe.json and RECIPE.md."""
     from parti_from_scratch.parti.vqgan import VQModel
     from parti_from_scratch.parti_pipeline import PartiPipeline
 
     folder = Path(folder)
     dtype = getattr(torch, recipe.weights_dtype)
     pipe = PartiPipeline(text_tokenizer, copy.deepcopy(transformer).to(dtype),
-                         VQModel.from_pretrained(tokenizer_dir), sampling_defaults=recipe.sampling_defaults())
+                         VQModel.from_pretrained(tokenizer_dir), sampling_defaults=recipe.sampling_defaults(),
+                         reranker=None if reranker is None else (copy.deepcopy(reranker[0]).to(dtype), reranker[1]))
     pipe.save_pretrained(folder)
     shutil.rmtree(folder / "vqvae")
     shutil.copytree(tokenizer_dir, folder / "vqvae")
@@ -445,6 +480,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--tokenizer", default=None,
                         help="--stage transformer: a VQModel folder (default: OUT/vqvae/model if present, else the "
                              "shipped tokenizer)")
+    parser.add_argument("--reranker", default=None,
+                        help="a full CLIP folder (both towers; e.g. `train clip`'s <out>/clip/model) copied into "
+                             "OUT/pipeline/reranker/ for num_candidates > 1 (its tokenizer files, else the built-in "
+                             "CLIP vocabulary)")
     parser.add_argument("--steps", type=int, default=None, help="optimiser steps per stage (default: the recipe's)")
     parser.add_argument("--batch-size", type=int, default=None, help="global batch per stage (default: the recipe's)")
     parser.add_argument("--seed", type=int, default=None, help="seed (default: the recipe's, 0)")
@@ -456,6 +495,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parser.parse_args(argv)
     if args.tokenizer is not None and args.stage != "transformer":
         parser.error("--tokenizer is for --stage transformer (--stage all trains its own)")
+    if args.reranker is not None and args.stage == "tokenizer":
+        parser.error("--reranker is for the Transformer's pipeline folder (--stage transformer or all)")
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     launcher = f"torchrun --nproc_per_node {world_size}" if world_size > 1 else "python"
     words = sys.argv[1:] if argv is None else list(argv)
@@ -464,6 +505,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     info = setup_distributed("cuda" if args.device.startswith("cuda") else "cpu")
     try:
         folder = None
+        if args.reranker is not None:
+            read_reranker(args.reranker)        # a bad folder fails before any training
         if args.stage in ("tokenizer", "all"):
             recipe = (tiny_tokenizer_recipe() if args.tiny else tokenizer_recipe()).with_overrides(
                 args.steps, args.batch_size, args.seed)
@@ -474,7 +517,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 args.steps, args.batch_size, args.seed)
             folder = train_parti(args.out, recipe, tokenizer_dir=args.tokenizer, device=args.device,
                                  progress=not args.no_progress, resume=args.resume, command=command,
-                                 keep_checkpoints=args.keep)
+                                 keep_checkpoints=args.keep, reranker_dir=args.reranker)
     except TrainError as e:
         if info.is_main:
             print(f"parti_recipe: error: {e}", file=sys.stderr)
