@@ -171,8 +171,8 @@ def test_long_prompt_is_truncated_with_a_warning(pipe):
 
 
 def test_candidates_need_a_full_clip(pipe, tiny_clip):
-    with pytest.raises(ValueError, match=r"num_candidates=4 needs a scorer \(.* has no .*reranker/ and none was passed\): pass "
-                       r"reranker=\(CLIPModel, CLIPTokenizer\)"):
+    with pytest.raises(ValueError, match=r"num_candidates=4 needs a scorer \(.* has no .*reranker/ and none was "
+                                         r"passed\): pass reranker=\(CLIPModel, CLIPTokenizer\)"):
         pipe("a cat", num_candidates=4, progress=False)
     with pytest.raises(TypeError, match="not a full CLIPModel"):
         pipe("a cat", num_candidates=2, reranker=(tiny_clip[0].text_model, tiny_clip[1]), progress=False)

@@ -387,7 +387,8 @@ def write_parti_pipeline(folder: Union[str, Path], recipe: PartiRecipe, text_tok
                          tokenizer_dir: Union[str, Path], row: dict, command: Optional[str] = None,
                          reranker=None) -> Path:
     """Save the pipeline folder (Transformer and the reranker's CLIP, if any, in recipe.weights_dtype, vqvae/
-    copied byte for byte from tokenizer_dir), measure it as saved (`measure_parti`), and write recipe.json and RECIPE.md."""
+    copied byte for byte from tokenizer_dir), measure it as saved (`measure_parti`), and write recipe.json and
+    RECIPE.md."""
     from parti_from_scratch.parti.vqgan import VQModel
     from parti_from_scratch.parti_pipeline import PartiPipeline
 
