@@ -470,6 +470,23 @@ def test_text_only_reranker_is_refused(parti_folder, tiny_clip, tmp_path):
         PartiPipeline.from_pretrained(folder)
 
 
+def test_cli_candidates_use_the_folder_reranker_or_a_clip_folder(parti_folder, tiny_clip, tmp_path, capsys):
+    """generate --candidates 2 takes the folder's reranker/ with no --reranker, and --reranker takes a CLIP folder
+    without tokenizer files (as `train clip` writes it) with the built-in vocabulary: the same image both ways."""
+    folder = _with_reranker(parti_folder, tiny_clip, tmp_path / "parti")
+    tiny_clip[0].save_pretrained(tmp_path / "clip")
+    argv = ["generate", "a small blue square at the top", "--candidates", "2", "--quiet"]
+    assert main([*argv, "--model", str(folder), "-o", str(tmp_path / "a.png")]) == 0
+    assert main([*argv, "--model", str(parti_folder), "-o", str(tmp_path / "b.png"),
+                 "--reranker", str(tmp_path / "clip")]) == 0
+    a, b = (np.asarray(Image.open(tmp_path / name)) for name in ("a.png", "b.png"))
+    assert a.shape == (64, 64, 3) and np.array_equal(a, b)
+    tiny_clip[0].text_model.save_pretrained(tmp_path / "text")
+    assert main([*argv, "--model", str(parti_folder), "-o", str(tmp_path / "c.png"),
+                 "--reranker", str(tmp_path / "text")]) != 0
+    assert "not a full CLIP (no 'vision_config')" in capsys.readouterr().err
+
+
 def test_help_names_the_shipped_parti():
     from parti_from_scratch.cli import build_parser
     parser = build_parser()

@@ -169,15 +169,16 @@ def load_parti(path: Path):
 
 
 def load_reranker(folder: Optional[str]):
-    """(CLIPModel, CLIPTokenizer) from a full CLIP folder, or None."""
+    """(CLIPModel, CLIPTokenizer) from a full CLIP folder (its tokenizer files, else the built-in vocabulary),
+    or None."""
     if folder is None:
         return None
-    from parti_from_scratch.clip.model import CLIPModel
-    from parti_from_scratch.clip.tokenizer import CLIPTokenizer
+    from .errors import TrainError
+    from .parti_recipe import read_reranker
     try:
-        return CLIPModel.from_pretrained(folder), CLIPTokenizer.from_pretrained(folder)
-    except (ValueError, OSError) as e:
-        raise CommandError(f"--reranker {folder}: cannot load CLIP: {e}") from None
+        return read_reranker(folder)
+    except TrainError as e:
+        raise CommandError(str(e)) from None
 
 
 def add_parti_arguments(p: argparse.ArgumentParser) -> None:
