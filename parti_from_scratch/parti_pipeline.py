@@ -127,7 +127,8 @@ class PartiPipelineOutput(ModelOutput):
 
 class PartiPipeline:
     """The Parti pipeline. Components are attributes: `tokenizer`, `transformer`, `vqvae` (and `reranker`,
-    a (CLIPModel, CLIPTokenizer) pair or None); `sampling_defaults`: what a call uses when it names nothing."""
+    a (CLIPModel, CLIPTokenizer) pair or None, read from a folder's reranker/); `sampling_defaults`: what a call
+    uses when it names nothing."""
 
     OUTPUT_TYPES = ("pil", "np", "pt", "tokens")
 

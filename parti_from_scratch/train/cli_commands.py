@@ -188,7 +188,8 @@ def add_parti_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--temperature", type=temperature, default=None, help="softmax temperature, > 0")
     g.add_argument("--top-p", type=top_p, default=None, help="sample within the nucleus of probability p, in (0, 1]")
     g.add_argument("--candidates", type=positive_int, default=None,
-                   help="draw N images per output and keep the one CLIP scores best (needs --reranker)")
+                   help="draw N images per output and keep the one CLIP scores best (needs --reranker or the "
+                        "folder's reranker/)")
     g.add_argument("--reranker", default=None,
                    help="a full CLIP folder (both towers and its tokenizer, e.g. `train clip`'s <out>/clip/model)")
 
