@@ -309,20 +309,11 @@ def test_cli_stage_transformer_needs_a_tokenizer(tmp_path, capsys, monkeypatch):
 def test_two_processes_train_the_same_transformer_as_one(tmp_path, vq_folder):
     """torchrun, 2 gloo processes, --stage transformer: the run finishes (rank 0 measures alone, no collective
     inside) and every weight equals one process's up to float32 drift."""
-    import os
-    import subprocess
-    import sys
+    from test_train_distributed import run_module_one_and_two_processes
 
-    from test_train_distributed import _free_port, _loopback_interface
-
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": _loopback_interface()}
     args = ["-m", "parti_from_scratch.train.parti_recipe", "--tiny", "--no-progress", "--device", "cpu",
             "--stage", "transformer", "--tokenizer", str(vq_folder)]
-    ddp = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--nproc_per_node=2",
-           "--master_addr=127.0.0.1", f"--master_port={_free_port()}", *args, "--out", str(tmp_path / "ddp")]
-    for command in (ddp, [sys.executable, *args, "--out", str(tmp_path / "one")]):
-        run = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
-        assert run.returncode == 0, run.stderr[-4000:]
+    run_module_one_and_two_processes(args, tmp_path)
     a = read_safetensors(latest_checkpoint(tmp_path / "ddp" / "transformer"))[0]
     b = read_safetensors(latest_checkpoint(tmp_path / "one" / "transformer"))[0]
     assert (tmp_path / "ddp" / "pipeline" / "RECIPE.md").is_file()

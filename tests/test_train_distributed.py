@@ -87,6 +87,21 @@ def _loopback_interface() -> str:
     return next((name for _, name in socket.if_nameindex() if name.startswith("lo")), "lo")
 
 
+def run_module_one_and_two_processes(args: list, tmp_path) -> tuple:
+    """`python -m ... --out DIR` under torchrun with 2 processes (DIR = tmp_path/ddp) and in one (tmp_path/one)."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": _loopback_interface()}
+    ddp = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--nproc_per_node=2",
+           "--master_addr=127.0.0.1", f"--master_port={_free_port()}", *args, "--out", str(tmp_path / "ddp")]
+    for command in (ddp, [sys.executable, *args, "--out", str(tmp_path / "one")]):
+        run = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+        assert run.returncode == 0, run.stderr[-4000:]
+    return tmp_path / "ddp", tmp_path / "one"
+
+
 def _history_close(ddp: list, single: list) -> None:
     assert [row["step"] for row in ddp] == [row["step"] for row in single]
     for a, b in zip(ddp, single):

@@ -192,21 +192,12 @@ def test_train_tokenizer_writes_a_vqmodel_folder_that_loads(tmp_path):
 def test_two_processes_train_the_same_tokenizer_as_one(tmp_path):
     """torchrun, 2 gloo processes: the codebook (updated on the gathered global batch) and every weight
     equal one process's up to float32 drift."""
-    import os
-    import subprocess
-    import sys
-
     from parti_from_scratch.train import latest_checkpoint, read_safetensors
 
-    from test_train_distributed import _free_port, _loopback_interface
+    from test_train_distributed import run_module_one_and_two_processes
 
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": _loopback_interface()}
     args = ["-m", "parti_from_scratch.train.parti_recipe", "--tiny", "--no-progress", "--device", "cpu"]
-    ddp = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--nproc_per_node=2",
-           "--master_addr=127.0.0.1", f"--master_port={_free_port()}", *args, "--out", str(tmp_path / "ddp")]
-    for command in (ddp, [sys.executable, *args, "--out", str(tmp_path / "one")]):
-        run = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
-        assert run.returncode == 0, run.stderr[-4000:]
+    run_module_one_and_two_processes(args, tmp_path)
     a = read_safetensors(latest_checkpoint(tmp_path / "ddp" / "vqvae"))[0]
     b = read_safetensors(latest_checkpoint(tmp_path / "one" / "vqvae"))[0]
     weights = [k for k in b if k.startswith("model/")]
