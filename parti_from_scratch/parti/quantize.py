@@ -232,11 +232,13 @@ def restart_dead_codes(codebook: torch.Tensor, cluster_size: torch.Tensor, z: to
     codebook: (K, d), cluster_size: (K,), z: (n, d), embed_sum: (K, d) or None
     -> (codebook, cluster_size, embed_sum, restarted mask (K,)), new tensors
     """
-    weights = restart_weights(z, codebook, rule)
     dead = cluster_size < threshold
+    num_dead = int(dead.sum())
+    # the distances are computed only when some code is dead (most steps have none)
+    weights = restart_weights(z, codebook, rule) if num_dead > 0 else None
     codebook, cluster_size = codebook.clone(), cluster_size.clone()
     embed_sum = None if embed_sum is None else embed_sum.clone()
-    num_dead, num_samples = int(dead.sum()), int((weights > 0).sum())
+    num_samples = int((weights > 0).sum()) if weights is not None else 0
     if num_dead == 0 or num_samples == 0:
         return codebook, cluster_size, embed_sum, torch.zeros_like(dead)
     if num_dead > num_samples:
