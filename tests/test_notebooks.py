@@ -36,6 +36,7 @@ NOTEBOOKS = [
     "08_training.ipynb",
     "09_image_tokens.ipynb",
     "10_writing_image_tokens.ipynb",
+    "11_diffusion_vs_autoregression.ipynb",
 ]
 CELL_TIMEOUT = 600  # seconds per cell
 
