@@ -59,6 +59,13 @@ def timed(fn: Callable[[], object]) -> float:
     return time.perf_counter() - start
 
 
+def seeded_times(call: Callable[[int], object], runs: int = 7) -> List[float]:
+    """Seconds of call(seed) for seeds 1..runs, after one warm-up call(0): the first call allocates and picks
+    kernels."""
+    call(0)
+    return [timed(lambda: call(seed)) for seed in range(1, runs + 1)]
+
+
 def alternate(run_ours: Callable[[], object], run_reference: Callable[[], object], pairs: int
               ) -> Tuple[List[float], List[float]]:
     """Times of `pairs` calls of each, ours then the reference in turn, so a slower moment hits both alike."""

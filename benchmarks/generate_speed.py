@@ -11,10 +11,10 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import time
 
 import torch
 
+from common import seeded_times  # this folder is on the path when a script runs
 from parti_from_scratch.pipeline import TextToImagePipeline
 
 
@@ -34,14 +34,9 @@ def main() -> None:
     steps = args.steps if args.steps is not None else pipe.sampling_defaults.num_inference_steps
     guidance = args.guidance if args.guidance is not None else pipe.sampling_defaults.guidance_scale
 
-    def once(seed: int) -> float:
-        start = time.perf_counter()
-        pipe(args.prompt, num_inference_steps=steps, guidance_scale=guidance,
-             generator=[torch.Generator().manual_seed(seed)], output_type="np", progress=False)
-        return time.perf_counter() - start
-
-    once(0)                                                   # warm-up: first calls allocate and pick kernels
-    times = [once(seed) for seed in range(1, args.runs + 1)]
+    times = seeded_times(lambda seed: pipe(args.prompt, num_inference_steps=steps, guidance_scale=guidance,
+                                           generator=[torch.Generator().manual_seed(seed)], output_type="np",
+                                           progress=False), args.runs)
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     print(f"{statistics.median(times):.3f} s per image (median of {args.runs}; min {min(times):.3f}, "
           f"max {max(times):.3f}); {steps} steps, guidance {guidance}, "

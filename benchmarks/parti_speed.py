@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 
 import torch
 
+from common import seeded_times  # this folder is on the path when a script runs
 from parti_from_scratch.parti_pipeline import PartiPipeline
 
 
@@ -30,14 +30,9 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     pipe = PartiPipeline.from_pretrained(args.model)
 
-    def once(seed: int) -> float:
-        start = time.perf_counter()
-        pipe(args.prompt, guidance_scale=args.guidance, num_candidates=1, output_type="np",
-             generator=torch.Generator().manual_seed(seed), progress=False)
-        return time.perf_counter() - start
-
-    once(0)
-    times = [once(seed) for seed in range(1, args.runs + 1)]
+    times = seeded_times(lambda seed: pipe(args.prompt, guidance_scale=args.guidance, num_candidates=1,
+                                           output_type="np", generator=torch.Generator().manual_seed(seed),
+                                           progress=False), args.runs)
     config = pipe.transformer.config
     guidance = pipe.sampling_defaults.guidance_scale if args.guidance is None else args.guidance
     print(f"{config.image_token_count} tokens, guidance {guidance:g}, {torch.get_num_threads()} thread(s): "

@@ -2,12 +2,13 @@
 by operator class.
 
     python benchmarks/profile_sd512.py [--out benchmarks/results/sd512_profile.md] [--threads N] [--latent 64]
+                                       [--repeats 3]
 
 What is measured: the full-size SD v1.5 UNet (batch 2 as under guidance, `--latent` x `--latent` latents,
 77x768 text states) and the SD VAE's decoder (one latent of the same size, 8x larger image), random weights
-shared by both implementations (benchmarks/common.py). After one untimed warm-up call, one call of each runs
-under torch.profiler; every aten operator's self time (time inside it, not in the operators it calls) is
-summed into a class:
+shared by both implementations (benchmarks/common.py). After one untimed warm-up call of each, `--repeats`
+calls of each run under torch.profiler, ours and diffusers' in turn; every aten operator's self time (time inside
+it, not in the operators it calls) is summed into a class, and each class keeps the median over the repeats:
 
     convolution   oneDNN / slow / im2col convolutions
     attention     fused scaled-dot-product kernels, softmax
@@ -25,6 +26,7 @@ cores stretch every class alike.
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
 from collections import defaultdict
 from pathlib import Path
@@ -59,9 +61,9 @@ def operator_class(name: str) -> str:
 
 
 def profile_call(fn: Callable[[], object]) -> Tuple[Dict[str, float], List[Tuple[str, float, int]], float]:
-    """Seconds per class, the top operators (name, seconds, calls) and the total of one profiled call of fn."""
+    """Seconds per class, the top operators (name, seconds, calls) and the total of one profiled call of fn
+    (warmed up by the caller)."""
     from torch.profiler import ProfilerActivity, profile
-    fn()  # warm-up: first calls allocate and pick kernels
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         fn()
     per_class: Dict[str, float] = defaultdict(float)
@@ -72,6 +74,38 @@ def profile_call(fn: Callable[[], object]) -> Tuple[Dict[str, float], List[Tuple
         operators.append((event.key, seconds, event.count))
     operators.sort(key=lambda o: -o[1])
     return dict(per_class), operators[:12], sum(per_class.values())
+
+
+def profile_alternated(run_ours: Callable[[], object], run_reference: Callable[[], object], repeats: int):
+    """profile_call of each, ours then the reference in turn, `repeats` times after one warm-up call of each; per
+    class the median over the repeats, the operators of the median-total call."""
+    run_ours()
+    run_reference()  # warm-up: first calls allocate and pick kernels
+    calls: Dict[str, list] = {"ours": [], "reference": []}
+    for _ in range(repeats):
+        calls["ours"].append(profile_call(run_ours))
+        calls["reference"].append(profile_call(run_reference))
+    result = []
+    for name in ("ours", "reference"):
+        runs = sorted(calls[name], key=lambda r: r[2])
+        per_class = {c: statistics.median(r[0].get(c, 0.0) for r in runs) for c in CLASSES}
+        result.append((per_class, runs[len(runs) // 2][1]))
+    return result
+
+
+# operators both libraries call for the same work: oneDNN convolutions, MKL matrix products, fused attention
+SHARED_KERNELS = ("convolution", "matmul", "attention")
+
+
+def kernel_floor(ours: Dict[str, float], reference: Dict[str, float]) -> str:
+    """The lowest ours / diffusers reachable by removing everything outside the shared kernels: the smaller of the
+    two kernel sums over diffusers' total (both run the same architecture's convolutions and products)."""
+    kernels = min(sum(d.get(c, 0.0) for c in SHARED_KERNELS) for d in (ours, reference))
+    return (f"Shared kernels ({', '.join(SHARED_KERNELS)}): ours {sum(ours.get(c, 0.0) for c in SHARED_KERNELS):.2f} s, "
+            f"diffusers {sum(reference.get(c, 0.0) for c in SHARED_KERNELS):.2f} s. With nothing else left "
+            f"(no norm, elementwise pass, copy or allocation), ours / diffusers could go no lower than "
+            f"{kernels:.2f} / {sum(reference.values()):.2f} = **{kernels / sum(reference.values()):.3f}** unless a "
+            f"convolution, product or attention ran faster than the faster of the two libraries' kernels did here.")
 
 
 def class_table(title: str, ours: Dict[str, float], reference: Dict[str, float]) -> str:
@@ -99,6 +133,8 @@ def main() -> None:
     parser.add_argument("--latent", type=int, default=64, help="latent size (64 = 512x512 pixels)")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
     parser.add_argument("--label", default="", help="a note for the file's heading (e.g. 'before', 'after')")
+    parser.add_argument("--repeats", type=int, default=3,
+                        help="profiled calls of each, alternated; per class the median (default 3)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -106,28 +142,32 @@ def main() -> None:
     n = args.latent
     sections = [f"# Profile of one {8 * n}x{8 * n} image's parts {args.label}".rstrip(), "",
                 f"torch {torch.__version__}, {torch.get_num_threads()} threads, fp32, random weights; "
-                "self time of each aten operator summed by class (benchmarks/profile_sd512.py).", ""]
+                "self time of each aten operator summed by class (benchmarks/profile_sd512.py); "
+                f"{args.repeats} profiled calls of each, ours and diffusers' alternated, per class the median.", ""]
 
     z = torch.randn(2, 4, n, n, generator=g)
     c = torch.randn(2, 77, 768, generator=g)
     ours, reference = build_unet_pair()
     loads = [load_average()]
     with torch.inference_mode():
-        unet_ours = profile_call(lambda: ours(z, 500, encoder_hidden_states=c).sample)
-        unet_reference = profile_call(lambda: reference(z, 500, encoder_hidden_states=c).sample)
+        unet_ours, unet_reference = profile_alternated(lambda: ours(z, 500, encoder_hidden_states=c).sample,
+                                                       lambda: reference(z, 500, encoder_hidden_states=c).sample,
+                                                       args.repeats)
     del ours, reference
     loads.append(load_average())
 
     latent = torch.randn(1, 4, n, n, generator=g)
     vae_ours, vae_reference = build_vae_pair()
     with torch.inference_mode():
-        decode_ours = profile_call(lambda: vae_ours.decode(latent).sample)
-        decode_reference = profile_call(lambda: vae_reference.decode(latent).sample)
+        decode_ours, decode_reference = profile_alternated(lambda: vae_ours.decode(latent).sample,
+                                                           lambda: vae_reference.decode(latent).sample, args.repeats)
     loads.append(load_average())
 
     sections += [class_table(f"UNet step, batch 2, {n}x{n} latents", unet_ours[0], unet_reference[0]), "",
+                 kernel_floor(unet_ours[0], unet_reference[0]), "",
                  class_table(f"VAE decode, 1 latent {n}x{n} -> {8 * n}x{8 * n} pixels", decode_ours[0],
                              decode_reference[0]), "",
+                 kernel_floor(decode_ours[0], decode_reference[0]), "",
                  operator_table("UNet, ours", unet_ours[1]), "", operator_table("UNet, diffusers", unet_reference[1]), "",
                  operator_table("VAE decode, ours", decode_ours[1]), "",
                  operator_table("VAE decode, diffusers", decode_reference[1]), "",

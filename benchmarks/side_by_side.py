@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from common import seeded_times  # this folder is on the path when a script runs
 from parti_from_scratch import PartiPipeline, TextToImagePipeline
 from parti_from_scratch.data import eval_prompts
 from parti_from_scratch.parti_pipeline import shipped_parti_folder
@@ -39,13 +40,8 @@ def parameters(modules) -> int:
 
 
 def median_seconds(call, runs: int = 7) -> float:
-    call(0)                                                   # warm-up
-    times = []
-    for seed in range(1, runs + 1):
-        started = time.perf_counter()
-        call(seed)
-        times.append(time.perf_counter() - started)
-    return statistics.median(times)
+    """The median of `seeded_times` (one warm-up call first)."""
+    return statistics.median(seeded_times(call, runs))
 
 
 def training_seconds(folder: Path) -> dict:
