@@ -49,7 +49,6 @@ from typing import Any, Optional, Union
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from parti_from_scratch.data import ShapesDataset, score, summarise
 from parti_from_scratch.parti.quantize import (VectorQuantizer, VectorQuantizerConfig, code_counts, codebook_usage,
@@ -58,7 +57,6 @@ from parti_from_scratch.parti.vqgan import VQ_BETA, VQModel, VQModelConfig
 
 from ..distributed import gather_global_batch
 from ..loop import StepRNG, TrainConfig, TrainResult, train
-from .adversarial import Adversarial, DecoderWithCritic, adversarial_terms, build_critic
 from .common import seeded_init
 from .vae import image_collate
 
@@ -260,34 +258,18 @@ def freeze_all_but_decoder(model: VQModel) -> VQModel:
 
 
 def finetune_decoder(model: VQModel, dataset, train_config: TrainConfig, foreground_weight: float = 10.0,
-                     dilation: int = 0, resume: Union[str, None] = None,
-                     adversarial: Optional[Adversarial] = None) -> tuple[VQModel, TrainResult]:
+                     dilation: int = 0, resume: Union[str, None] = None) -> tuple[VQModel, TrainResult]:
     """Train only the decoder of a trained tokenizer (`decoder_loss_fn`); return it (all weights) in eval mode.
 
     `model` is a plain VQModel (as `train_vq` returns it): its quantizer keeps no
-    EMA statistics, so tokenizing in training mode changes nothing. adversarial:
-    add VQGAN's patch critic and L_GAN (components/adversarial.py); the critic
-    trains beside the decoder and is dropped at the end.
+    EMA statistics, so tokenizing in training mode changes nothing.
     """
     model = freeze_all_but_decoder(export_vq(model).train())
-    if adversarial is None:
-        def loss_fn(m: VQModel, x: torch.Tensor, rng: StepRNG) -> tuple[torch.Tensor, dict]:
-            return decoder_loss_fn(m, x, rng, foreground_weight, dilation)
-        module: nn.Module = model
-    else:
-        module = DecoderWithCritic(model, build_critic(adversarial, model.config.out_channels, train_config.seed))
 
-        def loss_fn(m: DecoderWithCritic, x: torch.Tensor, rng: StepRNG) -> tuple[torch.Tensor, dict]:
-            with torch.no_grad():
-                indices = m.vq.tokenize(x)
-            x_hat = m.vq.decode_indices(indices)
-            l1, l2 = reconstruction_loss(x, x_hat, foreground_weight, dilation)
-            extra, metrics = adversarial_terms(m, x, x_hat, l1 + l2, adversarial)
-            return l1 + l2 + extra, {"l1": l1.item(), "l2": l2.item(), **metrics}
-    result = train(module, loss_fn, dataset, train_config, collate=image_collate, resume=resume)
+    def loss_fn(m: VQModel, x: torch.Tensor, rng: StepRNG) -> tuple[torch.Tensor, dict]:
+        return decoder_loss_fn(m, x, rng, foreground_weight, dilation)
+    result = train(model, loss_fn, dataset, train_config, collate=image_collate, resume=resume)
     trained = result.ema_model if result.ema_model is not None else result.model
-    if adversarial is not None:
-        trained = trained.vq
     for p in trained.parameters():
         p.requires_grad_(True)
     return export_vq(trained.cpu()), result
