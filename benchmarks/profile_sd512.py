@@ -100,11 +100,11 @@ SHARED_KERNELS = ("convolution", "matmul", "attention")
 def kernel_floor(ours: Dict[str, float], reference: Dict[str, float]) -> str:
     """The lowest ours / diffusers reachable by removing everything outside the shared kernels: the smaller of the
     two kernel sums over diffusers' total (both run the same architecture's convolutions and products)."""
-    kernels = min(sum(d.get(c, 0.0) for c in SHARED_KERNELS) for d in (ours, reference))
-    return (f"Shared kernels ({', '.join(SHARED_KERNELS)}): ours {sum(ours.get(c, 0.0) for c in SHARED_KERNELS):.2f} s, "
-            f"diffusers {sum(reference.get(c, 0.0) for c in SHARED_KERNELS):.2f} s. With nothing else left "
-            f"(no norm, elementwise pass, copy or allocation), ours / diffusers could go no lower than "
-            f"{kernels:.2f} / {sum(reference.values()):.2f} = **{kernels / sum(reference.values()):.3f}** unless a "
+    k_ours, k_reference = (sum(d.get(c, 0.0) for c in SHARED_KERNELS) for d in (ours, reference))
+    kernels, total_reference = min(k_ours, k_reference), sum(reference.values())
+    return (f"Shared kernels ({', '.join(SHARED_KERNELS)}): ours {k_ours:.2f} s, diffusers {k_reference:.2f} s. "
+            f"With nothing else left (no norm, elementwise pass, copy or allocation), ours / diffusers could go no "
+            f"lower than {kernels:.2f} / {total_reference:.2f} = **{kernels / total_reference:.3f}** unless a "
             f"convolution, product or attention ran faster than the faster of the two libraries' kernels did here.")
 
 
