@@ -36,6 +36,7 @@ _PUBLIC = {
     "TextToImagePipeline": "parti_from_scratch.pipeline",
     "VQModel": "parti_from_scratch.parti.vqgan",
     "ViTVQModel": "parti_from_scratch.parti.vit_vqgan",
+    "ValueChromaVQModel": "parti_from_scratch.parti.value_chroma",
     "PartiPipeline": "parti_from_scratch.parti_pipeline",
 }
 

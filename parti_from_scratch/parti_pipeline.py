@@ -19,7 +19,7 @@ folder in this pipeline's own layout (what `save_pretrained` writes):
 
     text_tokenizer/   vocab.json, merges.txt, tokenizer_config.json
     transformer/      config.json (PartiTransformerConfig), model.safetensors
-    vqvae/            a diffusers VQModel folder
+    vqvae/            a diffusers VQModel folder, or a ValueChromaVQModel folder (parti/value_chroma.py)
     sampling_defaults.json   guidance_scale, temperature, top_k, top_p, num_candidates
     reranker/         optional: a transformers CLIPModel folder (both towers) and its tokenizer, the scorer
                       num_candidates > 1 uses when the call passes none
@@ -144,9 +144,13 @@ class PartiPipeline:
             if ordinary > config.vocab_size:
                 raise ValueError(f"the tokenizer has token ids up to {ordinary - 1}, beyond the encoder's "
                                  f"vocab_size {config.vocab_size}")
-        if vqvae.config.num_vq_embeddings < config.codebook_size:
+        if vqvae.codebook_size < config.codebook_size:
             raise ValueError(f"the transformer draws {config.codebook_size} image codes, the vqvae's codebook has "
-                             f"{vqvae.config.num_vq_embeddings}")
+                             f"{vqvae.codebook_size}")
+        factors = getattr(vqvae, "codebook_factors", None)
+        if config.codebook_factors is not None and tuple(config.codebook_factors) != factors:
+            raise ValueError(f"the transformer's codes factor as {tuple(config.codebook_factors)}, the vqvae's "
+                             f"as {factors}")
         # the encoder's learned positions bound the prompt's length
         tokenizer.model_max_length = min(tokenizer.model_max_length, config.max_text_positions)
         self.tokenizer, self.transformer, self.vqvae = tokenizer, transformer, vqvae

@@ -83,6 +83,8 @@ PERMITTED_SHIMS: Tuple[str, ...] = (
     "parti_from_scratch.parti.vit_vqgan.ViTVQModel.save_pretrained",
     "parti_from_scratch.parti.vqgan.VQModel.from_pretrained",
     "parti_from_scratch.parti.vqgan.VQModel.save_pretrained",
+    "parti_from_scratch.parti.value_chroma.ValueChromaVQModel.from_pretrained",
+    "parti_from_scratch.parti.value_chroma.ValueChromaVQModel.save_pretrained",
     "parti_from_scratch.parti_pipeline.PartiPipeline.from_pretrained",
     "parti_from_scratch.parti_pipeline.PartiPipeline.save_pretrained",
 )

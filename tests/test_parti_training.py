@@ -11,7 +11,7 @@ from torch.testing import assert_close
 
 from test_parti_pipeline import tiny_clip_model
 
-from parti_from_scratch import PartiPipeline
+from parti_from_scratch import PartiPipeline, ValueChromaVQModel
 from parti_from_scratch.clip.model import CLIPModel
 from parti_from_scratch.clip.tokenizer import CLIPTokenizer
 from parti_from_scratch.data import COLOURS, VOCABULARY, ShapesDataset
@@ -26,6 +26,7 @@ from parti_from_scratch.train.components.parti import (ImageTokenDataset, build_
 from parti_from_scratch.train.components.vq import Codebook, build_vq, export_vq
 from parti_from_scratch.train.errors import TrainError
 from parti_from_scratch.train.parti_recipe import _vq_config, main, tiny_parti_recipe, train_parti
+from weights_convert.value_chroma import load_image_tokenizer
 
 TINY_VQ = _vq_config(block_out_channels=(8, 8, 8, 8), num_vq_embeddings=32, vq_embed_dim=4, groups=4)
 SIZES = tiny_parti_recipe().transformer
@@ -75,10 +76,13 @@ def test_special_tokens_are_the_transformer_defaults(text_tokenizer, vq_folder):
 def test_shapes_preset_matches_the_shipped_tokenizers():
     """The "shapes" preset's derived fields are those the recipe computes for the shipped tokenizer."""
     from parti_from_scratch.parti_pipeline import PARTI_MODEL_DIR
-    vq = VQModel.from_pretrained(PARTI_MODEL_DIR / "vqvae")
+    vq = load_image_tokenizer(PARTI_MODEL_DIR / "vqvae")
     preset = preset_config("shapes")
-    assert parti_config(SIZES, vq, shapes_text_tokenizer(preset.max_text_positions)).vocab_size == preset.vocab_size
-    assert preset.codebook_size == vq.config.num_vq_embeddings
+    derived = parti_config(SIZES, vq, shapes_text_tokenizer(preset.max_text_positions))
+    for key in ("vocab_size", "image_vocab_size", "codebook_size", "decoder_start_token_id", "codebook_factors",
+                "image_grid_size"):
+        assert getattr(derived, key) == getattr(preset, key), key
+    assert preset.codebook_size == vq.codebook_size
 
 
 # ------------------------------------------------------------------------------------------- the token cache
@@ -306,13 +310,21 @@ def test_cli_stage_transformer_needs_a_tokenizer(tmp_path, capsys, monkeypatch):
 
 
 @pytest.mark.slow
-def test_two_processes_train_the_same_transformer_as_one(tmp_path, vq_folder):
+@pytest.mark.parametrize("tokenizer", ["plain", "value_chroma"])
+def test_two_processes_train_the_same_transformer_as_one(tmp_path, vq_folder, tokenizer):
     """torchrun, 2 gloo processes, --stage transformer: the run finishes (rank 0 measures alone, no collective
-    inside) and every weight equals one process's up to float32 drift."""
+    inside) and every weight equals one process's up to float32 drift; with a ValueChromaVQModel the
+    Transformer's codes are factorised (every parameter still gets a gradient, which DDP requires)."""
     from test_train_distributed import run_module_one_and_two_processes
 
+    folder = vq_folder
+    if tokenizer == "value_chroma":
+        folder = tmp_path / "value_chroma"
+        structure = export_vq(build_vq({**TINY_VQ, "in_channels": 1, "out_channels": 1}, Codebook(), seed=0))
+        ValueChromaVQModel(structure, colours=torch.rand(7, 3, generator=torch.Generator().manual_seed(0))
+                           ).save_pretrained(folder)
     args = ["-m", "parti_from_scratch.train.parti_recipe", "--tiny", "--no-progress", "--device", "cpu",
-            "--stage", "transformer", "--tokenizer", str(vq_folder)]
+            "--stage", "transformer", "--tokenizer", str(folder)]
     run_module_one_and_two_processes(args, tmp_path)
     a = read_safetensors(latest_checkpoint(tmp_path / "ddp" / "transformer"))[0]
     b = read_safetensors(latest_checkpoint(tmp_path / "one" / "transformer"))[0]

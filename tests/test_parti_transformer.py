@@ -21,8 +21,8 @@ from parti_from_scratch.configuration import ConfigError
 from parti_from_scratch.nn.attention import MultiHeadAttention
 from parti_from_scratch.parti.sampling import classifier_free_guidance, empty_prompt_ids
 from parti_from_scratch.parti.transformer import (KVCache, PartiTransformer, PartiTransformerConfig,
-                                                  autoregressive_loss, cached_self_attention, preset_config,
-                                                  sequence_log_likelihood, shift_right)
+                                                  autoregressive_loss, cached_self_attention, code_digits,
+                                                  preset_config, sequence_log_likelihood, shift_right)
 from min_dalle_oracle import one_thread  # noqa: F401  (autouse fixture)
 from min_dalle_oracle import (MIN_DALLE_CODES, import_min_dalle, mbart_config, mbart_pair, min_dalle_config,
                               min_dalle_models, min_dalle_text_rows, ours_from_min_dalle)
@@ -39,6 +39,9 @@ def tiny_config(**overrides) -> PartiTransformerConfig:
 
 
 STYLES = {"dalle": {}, "pre_ln": dict(ffn_type="mlp", sublayer_post_norm=False, bias=True)}
+FACTORISED = dict(codebook_factors=(5, 2))        # tiny_config's 10 codes as 5 x 2
+# the decoders the cache is checked on: both layer styles, and the factorised embedding and head
+DECODERS = {**STYLES, "factorised": {**STYLES["pre_ln"], **FACTORISED}}
 
 
 def text(config: PartiTransformerConfig, batch: int, seed: int = 0) -> torch.Tensor:
@@ -200,10 +203,10 @@ def test_cached_self_attention():
     torch.testing.assert_close(torch.cat(rows, dim=1), full, atol=1e-6, rtol=0)
 
 
-@pytest.mark.parametrize("style", sorted(STYLES))
+@pytest.mark.parametrize("style", sorted(DECODERS))
 def test_kv_cache(style):
     """Cached and uncached logits agree at every position to 1e-5 (fp32), batch 2 x [uncond; cond], and guided."""
-    config = tiny_config(**STYLES[style])
+    config = tiny_config(**DECODERS[style])
     torch.manual_seed(0)
     model = PartiTransformer(config).eval()
     n, N = 2, config.image_token_count
@@ -259,9 +262,12 @@ def test_autoregressive_factorisation(style):
     assert abs(stepwise - log_p[37].item()) < 1e-5
 
 
-def test_autoregressive_loss():
-    """L = -(1/(bN)) sum log p(y_i | y_<i, x), and it trains: one gradient step on a batch lowers it."""
-    config = tiny_config()
+@pytest.mark.parametrize("codes", ["one codebook", "factorised"])
+def test_autoregressive_loss(codes):
+    """L = -(1/(bN)) sum log p(y_i | y_<i, x), and it trains: one gradient step on a batch lowers it. With
+    factorised codes the loss sums the factors' cross-entropies without forming the joint logits; it equals
+    the same L computed from the joint logits."""
+    config = tiny_config(**(FACTORISED if codes == "factorised" else {}))
     torch.manual_seed(2)
     model = PartiTransformer(config)
     ids = text(config, 3)
@@ -269,11 +275,80 @@ def test_autoregressive_loss():
     loss = autoregressive_loss(model, ids, y)
     logits = model(ids, shift_right(y, config.decoder_start_token_id))
     expected = -sequence_log_likelihood(logits, y, config.codebook_size).sum() / y.numel()
-    torch.testing.assert_close(loss, expected, atol=1e-6, rtol=0)   # two summation orders of ~18 terms ~ 2
+    # two summation orders of ~18 terms ~ 2; factorised, each term is itself the sum of two log-softmaxes
+    torch.testing.assert_close(loss, expected, atol=1e-6 if codes == "one codebook" else 2e-6, rtol=0)
     loss.backward()
+    # every parameter learns (DDP refuses a parameter without a gradient)
     assert all(p.grad is not None for p in model.parameters())
     with torch.no_grad():
         for p in model.parameters():
             if p.grad is not None:
                 p -= 0.05 * p.grad
     assert autoregressive_loss(model, ids, y) < loss
+
+
+# ------------------------------------------------------------------------------------- factorised codes
+
+def test_code_digits_are_mixed_radix():
+    """k = sum_f k_f prod_{g > f} K_g, the last factor varying fastest."""
+    a, c = code_digits(torch.arange(10), (5, 2))
+    assert a.tolist() == [0, 0, 1, 1, 2, 2, 3, 3, 4, 4] and c.tolist() == [0, 1] * 5
+    # 23 = 1 * (3 * 4) + 2 * 4 + 3
+    assert [d.item() for d in code_digits(torch.tensor(23), (2, 3, 4))] == [1, 2, 3]
+
+
+def test_factorised_config_is_checked():
+    with pytest.raises(ConfigError, match="product"):
+        tiny_config(codebook_factors=(3, 3))              # 9 != 10 codes
+    with pytest.raises(ConfigError, match="product"):
+        tiny_config(codebook_factors=(10,))               # one factor is no factorisation
+    with pytest.raises(ConfigError, match="after the"):
+        # the start token's id must not be one of the codes
+        tiny_config(codebook_factors=(2, 2), codebook_size=4, image_vocab_size=12, decoder_start_token_id=2)
+
+
+def test_factorised_embedding_rows_are_sums_of_factor_rows():
+    """E[k] = E_a[k // 2] + E_c[k mod 2] for the 10 codes; the start token (id 10) has its own row."""
+    torch.manual_seed(0)
+    embed = PartiTransformer(tiny_config(**FACTORISED)).decoder.embed_tokens
+    with torch.no_grad():
+        rows = embed(torch.arange(12)[None])[0]
+    E_a, E_c, E_s = embed.factors[0].weight, embed.factors[1].weight, embed.special.weight
+    for k in range(10):
+        # one float32 addition, the same on both sides
+        assert torch.equal(rows[k], E_a[k // 2] + E_c[k % 2]), k
+    assert torch.equal(rows[10], E_s[0]) and torch.equal(rows[11], E_s[1])
+
+
+def test_factorised_head_softmax_is_the_product_of_the_factors_softmaxes():
+    """l[k] = l_a[k // 2] + l_c[k mod 2], so log softmax(l)[k] = log softmax(l_a)[k // 2] + log softmax(l_c)[k mod 2]:
+    the two factors are independent given h."""
+    torch.manual_seed(0)
+    head = PartiTransformer(tiny_config(**FACTORISED)).decoder.lm_head
+    h = torch.randn(4, 16)
+    with torch.no_grad():
+        logits = head(h)                                                   # (4, 10 + 2)
+        l_a, l_c = h @ head.factors[0].weight.T, h @ head.factors[1].weight.T
+    assert logits.shape == (4, 12)
+    k = torch.arange(10)
+    torch.testing.assert_close(logits[:, :10], l_a[:, k // 2] + l_c[:, k % 2], atol=1e-6, rtol=0)
+    assert torch.equal(logits[:, 10:], torch.zeros(4, 2))          # the special tokens: never drawn, no weights
+    joint = logits[:, :10].double().log_softmax(-1)
+    product = l_a.double().log_softmax(-1)[:, k // 2] + l_c.double().log_softmax(-1)[:, k % 2]
+    # float32 logits (|l| < 8 here, ulp 4.8e-7) summed in two orders
+    assert l_a.abs().max() + l_c.abs().max() < LOGIT_BOUND
+    torch.testing.assert_close(joint, product, atol=2e-6, rtol=0)
+
+
+def test_factorised_autoregressive_factorisation_sums_to_one():
+    """With factorised codes p(y | x) is still a distribution over every grid of the 4 = 2 x 2 codes."""
+    config = tiny_config(codebook_size=4, image_vocab_size=5, decoder_start_token_id=4, image_grid_size=(1, 3),
+                         codebook_factors=(2, 2), **STYLES["pre_ln"])
+    torch.manual_seed(2)
+    model = PartiTransformer(config).eval()
+    grids = torch.tensor(list(itertools.product(range(4), repeat=3)))         # (64, 3)
+    ids = text(config, 1).expand(len(grids), -1)
+    with torch.no_grad():
+        log_p = sequence_log_likelihood(model(ids, shift_right(grids, 4)), grids, 4).double()
+    torch.testing.assert_close(log_p.exp().sum(), torch.tensor(1.0, dtype=torch.float64), atol=1e-5, rtol=0)
+

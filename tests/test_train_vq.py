@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from parti_from_scratch import VQModel
+from parti_from_scratch import ValueChromaVQModel, VQModel
 from parti_from_scratch.data import ShapesDataset
 from parti_from_scratch.parti.quantize import commitment_loss, ema_codebook_update, nearest_code
 from parti_from_scratch.train import StepRNG, TrainConfig, load_checkpoint, train
@@ -16,6 +16,7 @@ from parti_from_scratch.train.components.vq import (Codebook, build_vq, decoder_
                                                     foreground_weights, kmeans, reconstruction_loss, train_vq,
                                                     vq_loss_fn, vq_loss_fn_with)
 from parti_from_scratch.train.parti_recipe import _vq_config, tiny_tokenizer_recipe, train_tokenizer
+from weights_convert.value_chroma import load_image_tokenizer
 
 TINY = _vq_config(block_out_channels=(8, 8, 8, 8), num_vq_embeddings=32, vq_embed_dim=4, groups=4)
 
@@ -170,10 +171,27 @@ def test_resumed_run_continues_the_codebook_exactly(tmp_path):
     assert torch.equal(loaded.quantize.cluster_size, resumed.model.quantize.cluster_size)
 
 
-def test_train_tokenizer_writes_a_vqmodel_folder_that_loads(tmp_path):
-    folder = train_tokenizer(tmp_path, tiny_tokenizer_recipe(), device="cpu", progress=False)
-    model = VQModel.from_pretrained(folder)
-    assert model.config.num_vq_embeddings == 32 and model.config.block_out_channels == (8, 8, 8, 8)
+def plain_tiny_recipe():
+    """The tiny recipe with a plain VQGAN of the RGB image instead of the value x colour tokenizer."""
+    recipe = tiny_tokenizer_recipe()
+    recipe.vqvae = {**recipe.vqvae, "in_channels": 3, "out_channels": 3}
+    recipe.value_chroma = None
+    return recipe
+
+
+@pytest.mark.parametrize("kind", ["value_chroma", "plain"])
+def test_train_tokenizer_writes_a_folder_that_loads(tmp_path, kind):
+    """The shipped kind (a ValueChromaVQModel folder: structure/ is a VQModel folder) and a plain VQModel folder."""
+    recipe = tiny_tokenizer_recipe() if kind == "value_chroma" else plain_tiny_recipe()
+    folder = train_tokenizer(tmp_path, recipe, device="cpu", progress=False)
+    model = load_image_tokenizer(folder)
+    if kind == "value_chroma":
+        assert isinstance(model, ValueChromaVQModel) and model.codebook_factors == (32, 8)
+        vq, weights = model.structure, folder / "structure" / "diffusion_pytorch_model.safetensors"
+    else:
+        assert type(model) is VQModel
+        vq, weights = model, folder / "diffusion_pytorch_model.safetensors"
+    assert vq.config.num_vq_embeddings == 32 and vq.config.block_out_channels == (8, 8, 8, 8)
     x = image_collate([ShapesDataset("test", size=2, seed=0)[i] for i in range(2)])
     indices = model.tokenize(x)
     assert indices.shape == (2, 8, 8) and indices.dtype == torch.int64
@@ -184,7 +202,7 @@ def test_train_tokenizer_writes_a_vqmodel_folder_that_loads(tmp_path):
     assert "| fp32 |" in (folder / "RECIPE.md").read_text()
     # the weights are stored in float16
     from safetensors import safe_open
-    with safe_open(str(folder / "diffusion_pytorch_model.safetensors"), "pt") as f:
+    with safe_open(str(weights), "pt") as f:
         assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.float16}
 
 

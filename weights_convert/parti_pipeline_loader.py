@@ -10,7 +10,8 @@ The pipeline's own layout, what `save_parti_pipeline` writes and a Parti trained
     model_index.json         {"_class_name": "PartiPipeline", ...}
     text_tokenizer/          vocab.json, merges.txt, tokenizer_config.json
     transformer/             config.json (the PartiTransformerConfig fields), model.safetensors (our key names)
-    vqvae/                   a diffusers VQModel folder (`diffusers_vq`)
+    vqvae/                   a diffusers VQModel folder (`diffusers_vq`) or a ValueChromaVQModel folder
+                             (`value_chroma`), told apart by its config.json's _class_name
     sampling_defaults.json   guidance_scale, temperature, top_k, top_p, num_candidates
     reranker/                optional: the CLIP that picks the best of num_candidates images, a transformers
                              CLIPModel folder (config.json, model.safetensors, both towers) plus either its
@@ -27,7 +28,7 @@ import torch
 from parti_from_scratch.configuration import config_to_dict, read_json
 from weights_convert.common import (CheckpointError, PathLike, Repeat, build_on_meta, check_repeats, load_into,
                                     read_state_dict)
-from weights_convert.diffusers_vq import load_vq_model
+from weights_convert.value_chroma import load_image_tokenizer
 from weights_convert.min_dalle import load_min_dalle_transformer, min_dalle_files
 from weights_convert.min_dalle_detoker import load_min_dalle_detokenizer
 
@@ -146,7 +147,7 @@ def load_parti_pipeline(cls, path: Optional[PathLike], dtype: Optional[torch.dty
                               f"(no {', '.join(sub + '/' for sub in missing)})")
     reranker = load_reranker(folder / RERANKER, dtype) if (folder / RERANKER).is_dir() else None
     return cls(PartiTextTokenizer.from_pretrained(folder, "text_tokenizer"),
-               load_parti_transformer(folder / "transformer", dtype), load_vq_model(folder, "vqvae", dtype),
+               load_parti_transformer(folder / "transformer", dtype), load_image_tokenizer(folder, "vqvae", dtype),
                sampling_defaults=PartiSamplingDefaults.read(folder), reranker=reranker, source=folder)
 
 
@@ -163,7 +164,8 @@ def save_parti_pipeline(pipe, folder: PathLike) -> None:
     index = {"_class_name": CLASS_NAME,
              "text_tokenizer": ["parti_from_scratch.parti.text_tokenizer", "PartiTextTokenizer"],
              "transformer": ["parti_from_scratch.parti.transformer", "PartiTransformer"],
-             "vqvae": ["diffusers", "VQModel"]}
+             "vqvae": (["parti_from_scratch.parti.value_chroma", "ValueChromaVQModel"]
+                       if hasattr(pipe.vqvae, "codebook_factors") else ["diffusers", "VQModel"])}
     if pipe.reranker is not None:
         index[RERANKER] = ["transformers", "CLIPModel"]
     (folder / "model_index.json").write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")

@@ -12,6 +12,8 @@ time from the text, like a translation. This package is that chapter:
                     config keys): image -> latents -> indices (b, h, w) -> image
     vit_vqgan.py    ViT-VQGAN, the tokenizer of the Parti paper (`ViTVQModel`): 8x8
                     patches, ViT encoder and decoder, factorised l2-normalised codes
+    value_chroma.py tokens that factor into structure x colour (`ValueChromaVQModel`): a
+                    VQGAN of the value, a colour code per token (the shipped Parti's tokenizer)
     transformer.py  the encoder-decoder Transformer (`PartiTransformer`): p(y | x) =
                     prod_i p(y_i | y_<i, x), Parti's pre-LN block and DALL·E mini's, KV cache
     sampling.py     classifier-free guidance on logits, temperature, top-k, top-p, and the

@@ -81,6 +81,9 @@ class PartiTransformerConfig(Config):
     bos_token_id: int = 0                    # <s>
     eos_token_id: int = 2                    # </s>
     decoder_start_token_id: int = 16383      # the decoder's first input (min-dalle: 2**14 - 1)
+    # factorised image codes: code k = (k_1, ..., k_F) in mixed radix (K_1, ..., K_F), k_F varying fastest, with
+    # E[k] = sum_f E_f[k_f] and l[k] = sum_f l_f[k_f] (`FactorisedEmbedding`, `FactorisedHead`); None: one codebook
+    codebook_factors: Optional[Tuple[int, ...]] = None
 
     choices: ClassVar[Mapping[str, Tuple[Any, ...]]] = {
         "ffn_type": ("glu", "mlp"), "activation_function": ("gelu", "relu")}
@@ -94,6 +97,14 @@ class PartiTransformerConfig(Config):
                     f"{key}={getattr(self, key)} does not divide d_model={self.d_model}")
         require(self.codebook_size <= self.image_vocab_size,
                 f"codebook_size={self.codebook_size} exceeds image_vocab_size={self.image_vocab_size}")
+        if self.codebook_factors is not None:
+            require(len(self.codebook_factors) >= 2 and all(int(k) >= 1 for k in self.codebook_factors)
+                    and math.prod(self.codebook_factors) == self.codebook_size,
+                    f"codebook_factors={self.codebook_factors} must be two or more sizes whose product is "
+                    f"codebook_size={self.codebook_size}")
+            require(self.decoder_start_token_id >= self.codebook_size,
+                    f"decoder_start_token_id={self.decoder_start_token_id} must come after the "
+                    f"{self.codebook_size} factorised codes")
         require(0 <= self.decoder_start_token_id < self.image_vocab_size,
                 f"decoder_start_token_id={self.decoder_start_token_id} is outside the image vocabulary "
                 f"(0..{self.image_vocab_size - 1})")
@@ -116,8 +127,10 @@ PRESETS: Mapping[str, Mapping[str, Any]] = {
                        sublayer_post_norm=False, bias=True),
     # the Parti trained here on the built-in shapes (train/parti_recipe.py): Parti's pre-LN block at a small
     # size; the text and image vocabularies, text length and grid are those of its two tokenizers
-    # (the recipe sets them from the tokenizer folders), the values below are the shipped ones
-    "shapes": dict(vocab_size=133, image_vocab_size=513, codebook_size=512, decoder_start_token_id=512,
+    # (the recipe sets them from the tokenizer folders), the values below are the shipped ones: 512 structure
+    # codes x 8 colour codes of its ValueChromaVQModel
+    "shapes": dict(vocab_size=133, image_vocab_size=4097, codebook_size=4096, decoder_start_token_id=4096,
+                   codebook_factors=(512, 8),
                    d_model=128, encoder_layers=3, decoder_layers=3, encoder_attention_heads=4,
                    decoder_attention_heads=4, encoder_ffn_dim=512, decoder_ffn_dim=512, max_text_positions=24,
                    image_grid_size=(8, 8), ffn_type="mlp", sublayer_post_norm=False, bias=True),
@@ -256,6 +269,58 @@ class TransformerLayer(nn.Module):
         return x + self.ffn(x)
 
 
+def code_digits(codes: torch.Tensor, factors: Tuple[int, ...]) -> List[torch.Tensor]:
+    """The mixed-radix digits (k_1, ..., k_F) of codes k = sum_f k_f prod_{g > f} K_g, each shaped like `codes`."""
+    digits = []
+    for size in reversed(factors):
+        digits.append(codes % size)
+        codes = torch.div(codes, size, rounding_mode="floor")
+    return digits[::-1]
+
+
+class FactorisedEmbedding(nn.Module):
+    """Rows of the decoder's input embedding for factorised codes: E[k] = sum_f E_f[k_f] for k < C = prod_f K_f;
+    ids C, C + 1, ... (the start token) have rows of their own (`special`)."""
+
+    def __init__(self, factors: Tuple[int, ...], num_special: int, d: int):
+        super().__init__()
+        self.sizes = tuple(int(k) for k in factors)
+        self.factors = nn.ModuleList(nn.Embedding(k, d) for k in self.sizes)
+        self.special = nn.Embedding(num_special, d)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        """ids (b, n) -> (b, n, d)."""
+        C = math.prod(self.sizes)
+        digits = code_digits(ids.clamp(max=C - 1), self.sizes)
+        codes = sum(table(k) for table, k in zip(self.factors, digits))
+        special = self.special((ids - C).clamp(min=0))
+        return torch.where((ids < C)[..., None], codes, special)
+
+
+class FactorisedHead(nn.Module):
+    """The decoder's output for factorised codes: l[k] = sum_f l_f[k_f], l_f = W_f h; the special tokens get 0.
+
+    Because the logits add, the softmax over the C joint codes is the product of the factors' softmaxes,
+    p(k | h) = prod_f softmax(l_f)[k_f]: the factors are drawn independently given h, and a combination
+    of factors never seen together in training is as reachable as any other. The special tokens (the start
+    token) are read, never drawn and never a target, so their logits carry no weights: a constant 0 keeps
+    the output image_vocab_size wide (and leaves no parameter without a gradient, which DDP refuses).
+    """
+
+    def __init__(self, factors: Tuple[int, ...], num_special: int, d: int):
+        super().__init__()
+        self.factors = nn.ModuleList(nn.Linear(d, int(k), bias=False) for k in factors)
+        self.num_special = num_special
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        """h (..., d) -> logits (..., C + num_special), joint codes in mixed-radix order first."""
+        logits = self.factors[0](h)
+        for head in self.factors[1:]:
+            # (..., C_so_far, 1) + (..., 1, K_f) -> (..., C_so_far * K_f)
+            logits = (logits[..., :, None] + head(h)[..., None, :]).flatten(-2)
+        return torch.cat([logits, logits.new_zeros(*logits.shape[:-1], self.num_special)], dim=-1)
+
+
 class _Stack(nn.Module):
     """Token + learned position embeddings, the layers, the final LayerNorm: shared by encoder and decoder."""
 
@@ -312,7 +377,12 @@ class PartiDecoder(_Stack):
         super().__init__(config, config.image_vocab_size, config.image_token_count, config.decoder_layers,
                          config.decoder_attention_heads, config.decoder_ffn_dim, cross_attention=True)
         self.config = config
-        self.lm_head = nn.Linear(config.d_model, config.image_vocab_size, bias=False)
+        if config.codebook_factors is None:
+            self.lm_head = nn.Linear(config.d_model, config.image_vocab_size, bias=False)
+        else:
+            special = config.image_vocab_size - config.codebook_size
+            self.embed_tokens = FactorisedEmbedding(config.codebook_factors, special, config.d_model)
+            self.lm_head = FactorisedHead(config.codebook_factors, special, config.d_model)
 
     def text_kv(self, encoder_hidden_states: torch.Tensor) -> List[Tuple[torch.Tensor, torch.Tensor]]:
         """Each layer's cross-attention keys and values of the text, 2 x (b, h, T, d_head) per layer."""
@@ -336,6 +406,13 @@ class PartiDecoder(_Stack):
         With a cache: the input continues at position cache.length; the text's keys and
         values come from the cache (encoder arguments are ignored) and cache.length advances by n.
         """
+        return self.lm_head(self.hidden_states(decoder_input_ids, encoder_hidden_states, encoder_attention_mask,
+                                               cache))
+
+    def hidden_states(self, decoder_input_ids: torch.Tensor, encoder_hidden_states: Optional[torch.Tensor] = None,
+                      encoder_attention_mask: Optional[torch.Tensor] = None,
+                      cache: Optional[KVCache] = None) -> torch.Tensor:
+        """The last layer's states h (b, n, d) that `lm_head` reads; arguments as `forward`."""
         if cache is None:
             if encoder_hidden_states is None:
                 raise ValueError("encoder_hidden_states is required without a cache")
@@ -350,7 +427,7 @@ class PartiDecoder(_Stack):
             h = layer(h, causal=True, cross_kv=cross_kv[i], cross_mask=cross_mask, kv=kv, start=start)
         if cache is not None:
             cache.length += decoder_input_ids.shape[1]
-        return self.lm_head(self.finish(h))
+        return self.finish(h)
 
 
 class PartiTransformer(nn.Module):
@@ -400,6 +477,16 @@ def autoregressive_loss(model: PartiTransformer, input_ids: torch.Tensor, image_
     token) and is scored on the next one at every position at once.
     """
     config = model.config
-    logits = model(input_ids, shift_right(image_tokens, config.decoder_start_token_id), attention_mask)
+    previous = shift_right(image_tokens, config.decoder_start_token_id)
+    if config.codebook_factors is not None:
+        # factorised codes: -log p(k) = sum_f -log softmax(l_f)[k_f] (`FactorisedHead`), the same number
+        # without forming the prod_f K_f joint logits
+        if attention_mask is None:
+            attention_mask = input_ids != config.pad_token_id
+        h = model.decoder.hidden_states(previous, model.encoder(input_ids, attention_mask), attention_mask)
+        digits = code_digits(image_tokens, tuple(config.codebook_factors))
+        return sum(F.cross_entropy(head(h).flatten(0, 1).float(), k.flatten())
+                   for head, k in zip(model.decoder.lm_head.factors, digits))
+    logits = model(input_ids, previous, attention_mask)
     # (b, N, C) -> (b*N, C) against (b*N,)
     return F.cross_entropy(logits[..., :config.codebook_size].flatten(0, 1).float(), image_tokens.flatten())

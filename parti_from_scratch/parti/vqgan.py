@@ -135,6 +135,11 @@ class VQModel(nn.Module):
                                                                       for t in config.up_block_types], **common)
 
     @property
+    def codebook_size(self) -> int:
+        """K: how many distinct tokens there are (num_vq_embeddings)."""
+        return self.config.num_vq_embeddings
+
+    @property
     def dtype(self) -> torch.dtype:
         return self.post_quant_conv.weight.dtype
 

@@ -3,7 +3,10 @@ the encoder-decoder Transformer over its tokens (`train_parti`).
 
 Parti (Yu et al. 2022, arXiv 2206.10789) needs an image tokenizer before its
 Transformer can learn anything: a VQGAN that writes each 64x64 shapes image
-as a grid of codebook indices and draws it back. `tokenizer_recipe()` is the
+as a grid of codebook indices and draws it back. The shipped one is a
+ValueChromaVQModel (parti/value_chroma.py): a VQGAN of the image's value (one
+channel) gives each token its structure code, and k-means colours its colour
+code, so colour and shape have codes of their own. `tokenizer_recipe()` is the
 shipped one (parti_from_scratch/assets/parti_model/vqvae/), `tiny_tokenizer_recipe()`
 a seconds-long version for tests. Retrain it with
 
@@ -11,8 +14,9 @@ a seconds-long version for tests. Retrain it with
     torchrun --nproc_per_node 2 -m parti_from_scratch.train.parti_recipe --out runs/parti
 
 runs/parti/vqvae/ then holds the run (checkpoints, loss.png, history.json) and
-runs/parti/vqvae/model/ the tokenizer as a diffusers VQModel folder, loadable
-by `VQModel.from_pretrained`, with RECIPE.md and recipe.json: the command, the
+runs/parti/vqvae/model/ the tokenizer as a ValueChromaVQModel folder (a diffusers
+VQModel folder in structure/, and the colours), loadable by
+`ValueChromaVQModel.from_pretrained`, with RECIPE.md and recipe.json: the command, the
 time, and the gate figures measured by `evaluate_tokenizer` (the checker's
 exact-scene rate of images -> indices -> images on 400 test images, and the
 fraction of the codebook they use), for the fp32 weights and for the weights
@@ -55,7 +59,11 @@ from typing import Optional, Sequence, Union
 
 import torch
 
-from .components.vq import Codebook, evaluate_tokenizer, finetune_decoder, train_vq
+from parti_from_scratch.parti.value_chroma import ValueChromaConfig
+from weights_convert.value_chroma import load_image_tokenizer
+
+from .components.vq import (Codebook, ValueImages, evaluate_tokenizer, finetune_decoder, train_vq,
+                            value_chroma_tokenizer)
 from .default_recipe import Training
 from .distributed import run_on_main, setup_distributed, teardown_distributed
 from .errors import TrainError
@@ -64,10 +72,12 @@ GATE = 0.99  # the fraction of test images that must decode to exactly their sce
 
 
 def _vq_config(block_out_channels: Sequence[int] = (16, 32, 64, 64), num_vq_embeddings: int = 512,
-               vq_embed_dim: int = 8, groups: int = 8) -> dict:
-    """A VQModel config (diffusers' keys) for 64x64 images: L levels give (64 / 2^(L-1))^2 tokens per image."""
+               vq_embed_dim: int = 8, groups: int = 8, channels: int = 3) -> dict:
+    """A VQModel config (diffusers' keys) for 64x64 images: L levels give (64 / 2^(L-1))^2 tokens per image;
+    channels 1 for the structure VQGAN of a ValueChromaVQModel (it reads and writes the value alone)."""
     n = len(block_out_channels)
-    return {"block_out_channels": list(block_out_channels), "down_block_types": ["DownEncoderBlock2D"] * n,
+    return {"in_channels": channels, "out_channels": channels,
+            "block_out_channels": list(block_out_channels), "down_block_types": ["DownEncoderBlock2D"] * n,
             "up_block_types": ["UpDecoderBlock2D"] * n, "layers_per_block": 1, "latent_channels": vq_embed_dim,
             "vq_embed_dim": vq_embed_dim, "num_vq_embeddings": num_vq_embeddings, "norm_num_groups": groups,
             "sample_size": 64, "mid_block_add_attention": False}
@@ -77,7 +87,8 @@ def _vq_config(block_out_channels: Sequence[int] = (16, 32, 64, 64), num_vq_embe
 class TokenizerRecipe:
     """Everything that decides the shipped tokenizer. The model config uses diffusers VQModel key names."""
     seed: int = 0
-    vqvae: dict = field(default_factory=_vq_config)
+    # the VQGAN of the value (one channel): structure codes; the colours come from `value_chroma` below
+    vqvae: dict = field(default_factory=lambda: _vq_config(channels=1))
     codebook: Codebook = field(default_factory=lambda: Codebook(
         use_ema=True, decay=0.99, threshold_ema_dead_code=1.0, restart_rule="kmeans++", kmeans_images=256,
         kmeans_iters=10))
@@ -91,11 +102,24 @@ class TokenizerRecipe:
     decoder_finetune: Optional[Training] = field(default_factory=lambda: Training(
         steps=2500, batch_size=16, lr=5e-4, warmup_steps=20, ema_decay=None))
     finetune_dilation: int = 2            # the mask dilation of that decoder stage
+    # ValueChromaConfig fields: tokens of structure x colour (parti/value_chroma.py), the VQGAN above then reads
+    # the value alone (one channel); None: a plain VQGAN of the RGB image
+    value_chroma: Optional[dict] = field(default_factory=lambda: {"num_colours": 7, "min_value": 0.5})
     eval_images: int = 400                # test images the gate is measured on
     weights_dtype: str = "float16"        # dtype of the shipped weights on disk
 
     def to_dict(self) -> dict:
         return json.loads(json.dumps(dataclasses.asdict(self)))
+
+    def check(self) -> None:
+        """TrainError when the VQGAN's channels do not fit the kind of tokenizer."""
+        channels = 1 if self.value_chroma is not None else 3
+        found = (self.vqvae.get("in_channels", 3), self.vqvae.get("out_channels", 3))
+        if found != (channels, channels):
+            kind = "a ValueChromaVQModel's structure VQGAN reads and writes the value" if channels == 1 else \
+                "a plain VQGAN reads and writes RGB"
+            raise TrainError(f"tokenizer recipe: vqvae in_channels, out_channels = {found}, but {kind} "
+                             f"({channels} channel(s))")
 
     def with_overrides(self, steps: Optional[int] = None, batch_size: Optional[int] = None,
                        seed: Optional[int] = None) -> "TokenizerRecipe":
@@ -111,7 +135,7 @@ def tokenizer_recipe() -> TokenizerRecipe:
 def tiny_tokenizer_recipe() -> TokenizerRecipe:
     """Trains in seconds (tests, smoke runs): the same tokenizer, far smaller and shorter."""
     return TokenizerRecipe(
-        vqvae=_vq_config(block_out_channels=(8, 8, 8, 8), num_vq_embeddings=32, vq_embed_dim=4, groups=4),
+        vqvae=_vq_config(block_out_channels=(8, 8, 8, 8), num_vq_embeddings=32, vq_embed_dim=4, groups=4, channels=1),
         codebook=Codebook(kmeans_images=8),
         training=Training(steps=4, batch_size=8, lr=1e-3, ema_decay=None, dataset_size=64),
         decoder_finetune=Training(steps=2, batch_size=8, lr=1e-3, ema_decay=None, dataset_size=64),
@@ -124,24 +148,27 @@ def tiny_tokenizer_recipe() -> TokenizerRecipe:
 def train_tokenizer(out_dir: Union[str, Path], recipe: Optional[TokenizerRecipe] = None, device: str = "auto",
                     precision: str = "fp32", progress: bool = True, resume: Optional[str] = None,
                     command: Optional[str] = None) -> Path:
-    """Train the tokenizer, measure it, and write out_dir/vqvae/model (a diffusers VQModel folder).
+    """Train the tokenizer, measure it, and write out_dir/vqvae/model (a diffusers VQModel folder, or a
+    ValueChromaVQModel folder when recipe.value_chroma is set).
 
     Under torchrun every process trains; rank 0 measures and writes. Returns the model folder.
     """
     from parti_from_scratch.data import ShapesDataset
-    from parti_from_scratch.parti.vqgan import VQModel
 
     recipe = recipe or tokenizer_recipe()
+    recipe.check()
     t = recipe.training
     if t.batch_size > t.dataset_size:
         raise TrainError(f"vqvae: batch_size={t.batch_size} is larger than the dataset ({t.dataset_size} samples)")
     out = Path(out_dir) / "vqvae"
     folder = out / "model"
+    # a ValueChromaVQModel's VQGAN trains on the value of each image; its colours are fitted afterwards
+    images = ValueImages if recipe.value_chroma is not None else (lambda data: data)
     info = setup_distributed("cuda" if device.startswith("cuda") else "cpu")
     try:
         started = time.perf_counter()
         dataset = ShapesDataset("train", size=t.dataset_size, seed=recipe.seed)
-        model, result = train_vq(recipe.vqvae, recipe.codebook, dataset,
+        model, result = train_vq(recipe.vqvae, recipe.codebook, images(dataset),
                                  t.train_config(out, recipe.seed, device, precision, progress),
                                  recipe.foreground_weight, resume=resume, dilation=recipe.foreground_dilation)
         stage_seconds = {"tokenizer": round(time.perf_counter() - started, 1)}
@@ -149,10 +176,13 @@ def train_tokenizer(out_dir: Union[str, Path], recipe: Optional[TokenizerRecipe]
         if f is not None:
             started_decoder = time.perf_counter()
             model, decoder_result = finetune_decoder(
-                model, ShapesDataset("train", size=f.dataset_size, seed=recipe.seed),
+                model, images(ShapesDataset("train", size=f.dataset_size, seed=recipe.seed)),
                 f.train_config(out / "decoder", recipe.seed, device, precision, progress),
                 recipe.foreground_weight, recipe.finetune_dilation, resume=resume)
             stage_seconds["decoder"] = round(time.perf_counter() - started_decoder, 1)
+        if recipe.value_chroma is not None:
+            model = value_chroma_tokenizer(model, dataset, ValueChromaConfig(**recipe.value_chroma),
+                                           max(recipe.codebook.kmeans_images, 256), recipe.seed)
         seconds = time.perf_counter() - started
 
         def measure_and_write() -> Path:
@@ -160,7 +190,7 @@ def train_tokenizer(out_dir: Union[str, Path], recipe: Optional[TokenizerRecipe]
             dtype = getattr(torch, recipe.weights_dtype)
             copy.deepcopy(model).to(dtype).save_pretrained(folder)
             # the weights as shipped (rounded to weights_dtype), computed in float32
-            measured[f"{recipe.weights_dtype} weights"] = evaluate_tokenizer(VQModel.from_pretrained(folder),
+            measured[f"{recipe.weights_dtype} weights"] = evaluate_tokenizer(load_image_tokenizer(folder),
                                                                              n=recipe.eval_images)
             row = {"seconds": round(seconds, 1), "stage_seconds": stage_seconds, "steps": result.step,
                    "decoder_steps": decoder_result.step if f is not None else 0, "batch_size": t.batch_size,
@@ -183,9 +213,17 @@ def write_recipe_files(folder: Union[str, Path], recipe: TokenizerRecipe, row: d
     (folder / "recipe.json").write_text(json.dumps({"command": command, "seed": recipe.seed, "run": row,
                                                     "recipe": recipe.to_dict()}, indent=2) + "\n", encoding="utf-8")
     grid = recipe.vqvae["sample_size"] // 2 ** (len(recipe.vqvae["block_out_channels"]) - 1)
-    lines = ["# How this tokenizer was trained", "",
-             f"A VQGAN (parti_from_scratch.VQModel): 64x64 image <-> {grid}x{grid} tokens from a codebook of "
-             f"{recipe.vqvae['num_vq_embeddings']} codes of {recipe.vqvae['vq_embed_dim']} dimensions. Retrain it with",
+    K = recipe.vqvae["num_vq_embeddings"]
+    if recipe.value_chroma is not None:
+        J = recipe.value_chroma["num_colours"]
+        what = (f"A ValueChromaVQModel (parti_from_scratch.ValueChromaVQModel): 64x64 image <-> {grid}x{grid} tokens, "
+                f"each a structure code (a VQGAN of the image's value, max over R, G, B: {K} codes of "
+                f"{recipe.vqvae['vq_embed_dim']} dimensions) and a colour code ({J} colours by k-means, and none): "
+                f"{K * (J + 1)} tokens. Retrain it with")
+    else:
+        what = (f"A VQGAN (parti_from_scratch.VQModel): 64x64 image <-> {grid}x{grid} tokens from a codebook of "
+                f"{K} codes of {recipe.vqvae['vq_embed_dim']} dimensions. Retrain it with")
+    lines = ["# How this tokenizer was trained", "", what,
              "", f"    {command}", "",
              f"seed {recipe.seed}; {row['steps']} steps of batch {row['batch_size']}"
              + (f", then {row['decoder_steps']} steps of the decoder alone (encoder and codebook frozen, mask "
@@ -197,10 +235,12 @@ def write_recipe_files(folder: Union[str, Path], recipe: TokenizerRecipe, row: d
              "| weights | exact scene | count | colour | shape | size | position | codebook usage | perplexity | mse |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for name, m in row["measured"].items():
+        colours = f", {m['colour_codes_used']} colour codes" if "colour_codes_used" in m else ""
         lines.append(f"| {name} | {m['exact']:.1%} | {m['count']:.1%} | {m['colour']:.1%} | {m['shape']:.1%} "
-                     f"| {m['size']:.1%} | {m['position']:.1%} | {m['usage']:.1%} ({m['codes_used']} codes) "
+                     f"| {m['size']:.1%} | {m['position']:.1%} | {m['usage']:.1%} ({m['codes_used']} codes{colours}) "
                      f"| {m['perplexity']:.1f} | {m['mse']:.4f} |")
-    lines += ["", f"Gate: exact scene >= {GATE:.0%}."]
+    lines += ["", f"Gate: exact scene >= {GATE:.0%}."
+              + (" Codebook usage and perplexity: the structure codes." if recipe.value_chroma is not None else "")]
     (folder / "RECIPE.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
 
 
@@ -215,7 +255,7 @@ def _shapes_sizes() -> dict:
     """The Transformer's sizes and layer style: the "shapes" preset without what the tokenizers decide."""
     from parti_from_scratch.parti.transformer import PRESETS
     derived = ("vocab_size", "image_vocab_size", "codebook_size", "decoder_start_token_id", "max_text_positions",
-               "image_grid_size")
+               "image_grid_size", "codebook_factors")
     return {k: v for k, v in PRESETS["shapes"].items() if k not in derived}
 
 
@@ -300,7 +340,6 @@ def train_parti(out_dir: Union[str, Path], recipe: Optional[PartiRecipe] = None,
     Returns the pipeline folder.
     """
     from parti_from_scratch.data import ShapesDataset
-    from parti_from_scratch.parti.vqgan import VQModel
 
     from .checkpoint import ensure_writable_dir
     from .components.parti import parti_config, shapes_text_tokenizer, train_parti_transformer
@@ -323,7 +362,7 @@ def train_parti(out_dir: Union[str, Path], recipe: Optional[PartiRecipe] = None,
     try:
         run_on_main(lambda: ensure_writable_dir(out / "transformer"), info)
         started = time.perf_counter()
-        vqvae = VQModel.from_pretrained(tokenizer_dir).eval().requires_grad_(False)
+        vqvae = load_image_tokenizer(tokenizer_dir).eval().requires_grad_(False)
         text_tokenizer = shapes_text_tokenizer(recipe.max_text_length)
         config = parti_config(recipe.transformer, vqvae, text_tokenizer)
         data = _cached_tokens(out / "transformer", ShapesDataset("train", size=t.dataset_size, seed=recipe.seed),
@@ -396,13 +435,12 @@ def write_parti_pipeline(folder: Union[str, Path], recipe: PartiRecipe, text_tok
     """Save the pipeline folder (Transformer and the reranker's CLIP, if any, in recipe.weights_dtype, vqvae/
     copied byte for byte from tokenizer_dir), measure it as saved (`measure_parti`), and write recipe.json and
     RECIPE.md."""
-    from parti_from_scratch.parti.vqgan import VQModel
     from parti_from_scratch.parti_pipeline import PartiPipeline
 
     folder = Path(folder)
     dtype = getattr(torch, recipe.weights_dtype)
     pipe = PartiPipeline(text_tokenizer, copy.deepcopy(transformer).to(dtype),
-                         VQModel.from_pretrained(tokenizer_dir), sampling_defaults=recipe.sampling_defaults(),
+                         load_image_tokenizer(tokenizer_dir), sampling_defaults=recipe.sampling_defaults(),
                          reranker=None if reranker is None else (copy.deepcopy(reranker[0]).to(dtype), reranker[1]))
     pipe.save_pretrained(folder)
     shutil.rmtree(folder / "vqvae")

@@ -109,13 +109,17 @@ def shapes_text_tokenizer(max_length: int = 32, words: Sequence[str] = VOCABULAR
 def parti_config(sizes: dict, vqvae: VQModel, tokenizer: PartiTextTokenizer) -> PartiTransformerConfig:
     """The Transformer's config: `sizes` (PartiTransformerConfig fields, e.g. a PRESETS entry) completed
     by what the two tokenizers decide: the text vocabulary and length, the image codebook (K codes, the
-    start token K) and the token grid of the VQModel (64 / 2^(levels-1) a side)."""
-    K = vqvae.config.num_vq_embeddings
-    side = vqvae.config.sample_size // vqvae.config.downsampling
+    start token K; a ValueChromaVQModel's K = K_a K_c codes also set codebook_factors, so the Transformer
+    embeds and predicts the two factors apart) and the token grid (64 / 2^(levels-1) a side)."""
+    K = vqvae.codebook_size
+    vq_config = getattr(vqvae, "structure", vqvae).config
+    side = vq_config.sample_size // vq_config.downsampling
+    factors = getattr(vqvae, "codebook_factors", None)
     special = dict(vocab_size=tokenizer.vocab_size, max_text_positions=tokenizer.model_max_length,
                    pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
                    eos_token_id=tokenizer.eos_token_id, image_vocab_size=K + 1, codebook_size=K,
-                   decoder_start_token_id=K, image_grid_size=(side, side))
+                   decoder_start_token_id=K, image_grid_size=(side, side),
+                   codebook_factors=None if factors is None else tuple(factors))
     return PartiTransformerConfig(**{**sizes, **special})
 
 
@@ -193,7 +197,8 @@ def tokens_fingerprint(dataset, vqvae: VQModel, tokenizer: PartiTextTokenizer) -
     data (scenes and captions: images are drawn from the scenes)."""
     h = hashlib.sha256()
     for name, tensor in sorted(vqvae.state_dict().items()):
-        if name.startswith(("encoder.", "quant_conv.", "quantize.")):
+        # a ValueChromaVQModel's VQGAN is vqvae.structure; its colours choose the colour codes
+        if name.removeprefix("structure.").startswith(("encoder.", "quant_conv.", "quantize.")) or name == "colours":
             h.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype}".encode())
             h.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     h.update(json.dumps([sorted(tokenizer.get_vocab().items()), tokenizer.merges,

@@ -42,6 +42,11 @@ single process would have, up to float rounding of the encoder.
 `evaluate_tokenizer` measures what issue the Transformer will face: images ->
 indices -> images, graded by the analytic checker (data/checker.py), and the
 fraction of the codebook the test images use.
+
+The shipped tokenizer is a ValueChromaVQModel (parti/value_chroma.py): the VQGAN
+trained here reads the value v = max_c x_c alone (`ValueImages`, one channel), and
+its colours are the k-means centroids of the training tokens' colours
+(`fit_colours`, `value_chroma_tokenizer`), fitted once after the VQGAN.
 """
 from __future__ import annotations
 
@@ -54,7 +59,8 @@ import torch.nn.functional as F
 
 from parti_from_scratch.data import ShapesDataset, score, summarise
 from parti_from_scratch.parti.quantize import (VectorQuantizer, VectorQuantizerConfig, code_counts, codebook_usage,
-                                               nearest_code, perplexity)
+                                               nearest_code, perplexity, restart_weights)
+from parti_from_scratch.parti.value_chroma import ValueChromaConfig, ValueChromaVQModel, image_value, token_colours
 from parti_from_scratch.parti.vqgan import VQ_BETA, VQModel, VQModelConfig
 
 from ..distributed import gather_global_batch
@@ -113,18 +119,32 @@ def export_vq(model: VQModel) -> VQModel:
 
 
 @torch.no_grad()
-def kmeans(z: torch.Tensor, k: int, iters: int = 10, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+def kmeans(z: torch.Tensor, k: int, iters: int = 10, generator: Optional[torch.Generator] = None,
+           init: str = "random") -> torch.Tensor:
     """Lloyd's k-means: k centroids of the vectors z (n, d) -> (k, d).
 
-        start:  c_j = k distinct rows of z, drawn at random (with repetition if n < k)
+        start:  "random": c_j = k distinct rows of z, drawn at random (with repetition if n < k);
+                "kmeans++": c_1 a random row, then each c_j a row drawn with probability proportional to
+                min_{l<j} ||z_i - c_l||^2 (Arthur & Vassilvitskii 2007; `restart_weights`), so no cluster
+                of a few well-separated ones is left without a centroid
         repeat: a_i = argmin_j ||z_i - c_j||^2;   c_j = mean {z_i : a_i = j}  (kept if no z_i chose it)
     """
     n = z.shape[0]
     if n == 0:
         raise ValueError("kmeans: no vectors to cluster")
-    pick = (torch.randperm(n, generator=generator)[:k] if n >= k
-            else torch.randint(0, n, (k,), generator=generator))
-    centroids = z[pick].clone()
+    if init == "kmeans++":
+        centroids = z[torch.randint(0, n, (1,), generator=generator)].clone()
+        while len(centroids) < k:
+            w = restart_weights(z, centroids, "kmeans++")
+            # every row already a centroid: repeat one at random
+            w = w if float(w.sum()) > 0 else torch.ones_like(w)
+            centroids = torch.cat([centroids, z[torch.multinomial(w, 1, generator=generator)]])
+    elif init == "random":
+        pick = (torch.randperm(n, generator=generator)[:k] if n >= k
+                else torch.randint(0, n, (k,), generator=generator))
+        centroids = z[pick].clone()
+    else:
+        raise ValueError(f"kmeans: init must be 'random' or 'kmeans++', got {init!r}")
     for _ in range(iters):
         # a_i: (n,)
         assign = nearest_code(z, centroids)
@@ -145,6 +165,39 @@ def kmeans_init(model: VQModel, images: torch.Tensor, iters: int = 10, seed: int
     q = model.quantize
     q.embedding.weight.copy_(kmeans(flat, q.config.num_embeddings, iters, torch.Generator().manual_seed(seed)))
     q.reset_ema()
+
+
+class ValueImages(torch.utils.data.Dataset):
+    """Item i of `dataset` with its image replaced by the value v = max_c x_c, (1, H, W): what the structure
+    VQGAN of a ValueChromaVQModel trains on."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i: int):
+        image, *rest = self.dataset[i]
+        return (image_value(image[None])[0], *rest)
+
+
+@torch.no_grad()
+def fit_colours(images: torch.Tensor, config: ValueChromaConfig, patch: int, iters: int = 20,
+                seed: int = 0) -> torch.Tensor:
+    """The J colours m_j of a ValueChromaVQModel: k-means (k-means++ start) of the colours u_t of every token
+    of `images` (b, 3, H, W) whose total value reaches tau, (J, 3) on the [0, 1] scale."""
+    u, s = token_colours(images, patch)
+    coloured = u[s >= config.min_value]                       # (n, 3)
+    return kmeans(coloured, config.num_colours, iters, torch.Generator().manual_seed(seed), init="kmeans++")
+
+
+def value_chroma_tokenizer(structure: VQModel, dataset, config: ValueChromaConfig, n_images: int = 256,
+                           seed: int = 0) -> ValueChromaVQModel:
+    """A trained structure VQGAN (on `ValueImages`) and the colours fitted on the first n_images of `dataset`."""
+    images = image_collate([dataset[i] for i in range(min(n_images, len(dataset)))])
+    colours = fit_colours(images, config, structure.config.downsampling, seed=seed)
+    return ValueChromaVQModel(structure, config, colours).eval()
 
 
 # --------------------------------------------------------------------------------------------- the loss
@@ -288,25 +341,34 @@ def tokenize_and_decode(model: VQModel, images: torch.Tensor) -> tuple[torch.Ten
 
 
 @torch.no_grad()
-def evaluate_tokenizer(model: VQModel, n: int = 400, split: str = "test", seed: int = 0, batch_size: int = 100
+def evaluate_tokenizer(model: Union[VQModel, ValueChromaVQModel], n: int = 400, split: str = "test", seed: int = 0, batch_size: int = 100
                        ) -> dict:
     """Encode -> indices -> decode n images of `split` and grade each against its own scene.
 
     Returns {"exact": fraction of images the checker reads as exactly their scene, the other
     checker attributes, "usage": fraction of the K codes used at least once on these images,
     "perplexity": exp(entropy) of the code frequencies, "mse": mean squared error in [-1, 1],
-    "tokens_per_image", "n"}.
+    "tokens_per_image", "n"}. For a ValueChromaVQModel, K, usage and perplexity are those of its
+    structure codes, and "colour_codes_used" counts the colour codes used.
     """
     data = ShapesDataset(split, size=n, seed=seed)
     model = model.eval()
-    K = model.config.num_vq_embeddings
+    factored = isinstance(model, ValueChromaVQModel)
+    # the codebook whose usage is reported: a ValueChromaVQModel's structure codes (its colours are counted apart)
+    K = model.codebook_factors[0] if factored else model.config.num_vq_embeddings
     counts = torch.zeros(K, dtype=torch.long)
+    colour_counts = torch.zeros(model.codebook_factors[1] if factored else 1, dtype=torch.long)
     scores, squared_errors = [], []
     for start in range(0, n, batch_size):
         stop = min(n, start + batch_size)
         x = torch.stack([data[i][0] for i in range(start, stop)])
         indices, x_hat = tokenize_and_decode(model, x)
-        counts += code_counts(indices.cpu(), K)
+        if factored:
+            structure, colour = model.split_indices(indices.cpu())
+            counts += code_counts(structure, K)
+            colour_counts += code_counts(colour, len(colour_counts))
+        else:
+            counts += code_counts(indices.cpu(), K)
         squared_errors.append(((x_hat.cpu() - x) ** 2).mean().item() * (stop - start))
         # (b, 3, H, W) in [-1, 1] -> (b, H, W, 3) in [0, 1], the checker's layout
         pictures = ((x_hat.cpu() + 1) / 2).permute(0, 2, 3, 1).numpy()
@@ -314,5 +376,6 @@ def evaluate_tokenizer(model: VQModel, n: int = 400, split: str = "test", seed: 
     grid = tuple(indices.shape[1:])
     return {**{k: v for k, v in summarise(scores).items()}, "usage": codebook_usage(counts),
             "codes_used": int((counts > 0).sum()), "perplexity": float(perplexity(counts)),
-            "mse": float(np.sum(squared_errors) / n), "tokens_per_image": grid[0] * grid[1], "n": n}
+            "mse": float(np.sum(squared_errors) / n), "tokens_per_image": grid[0] * grid[1], "n": n,
+            **({"colour_codes_used": int((colour_counts > 0).sum())} if factored else {})}
 
