@@ -239,3 +239,21 @@ def test_tiny_value_chroma_run_trains_a_parti_that_draws(tmp_path):
     tokens = pipe("a red triangle on the left", generator=torch.Generator().manual_seed(0),
                   output_type="tokens", progress=False).images
     assert int(tokens.max()) < 256
+
+
+def test_pipeline_refuses_a_factorised_transformer_over_other_codes(model):
+    """A Transformer whose codes factor as (32, 8) draws structure x colour pairs; over a plain VQModel of 256
+    codes its tokens would be read as other codes: refused, naming both factorisations."""
+    from parti_from_scratch.parti.transformer import PartiTransformer, preset_config
+    from parti_from_scratch.train.components.parti import shapes_text_tokenizer
+
+    text = shapes_text_tokenizer(24)
+    config = preset_config("shapes", vocab_size=text.vocab_size, max_text_positions=24, image_vocab_size=257,
+                           codebook_size=256, decoder_start_token_id=256, codebook_factors=(32, 8), d_model=32,
+                           encoder_layers=1, decoder_layers=1, encoder_attention_heads=2, decoder_attention_heads=2,
+                           encoder_ffn_dim=64, decoder_ffn_dim=64)
+    transformer = PartiTransformer(config).eval()
+    assert PartiPipeline(text, transformer, model).vqvae is model             # (32, 8): the same factorisation
+    plain = VQModel(**{**STRUCTURE, "in_channels": 3, "out_channels": 3, "num_vq_embeddings": 256})
+    with pytest.raises(ValueError, match=r"factor as \(32, 8\).*as None"):
+        PartiPipeline(text, transformer, plain)
