@@ -214,10 +214,18 @@ def value_chroma_recipe():
 
 
 def test_recipe_channels_must_fit_the_kind_of_tokenizer(tmp_path):
+    """A value x colour recipe whose VQGAN reads RGB, and a plain one whose VQGAN reads one channel, are refused
+    before any training."""
     recipe = tiny_tokenizer_recipe()
-    recipe.value_chroma = {"num_colours": 7}
-    with pytest.raises(TrainError, match="one channel|1 channel"):
-        train_tokenizer(tmp_path, recipe, progress=False)
+    assert recipe.value_chroma is not None
+    recipe.vqvae = {**recipe.vqvae, "in_channels": 3, "out_channels": 3}
+    with pytest.raises(TrainError, match=r"reads and writes the value \(1 channel"):
+        train_tokenizer(tmp_path / "a", recipe, progress=False)
+    recipe = tiny_tokenizer_recipe()
+    recipe.value_chroma = None
+    with pytest.raises(TrainError, match=r"reads and writes RGB \(3 channel"):
+        train_tokenizer(tmp_path / "b", recipe, progress=False)
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
 
 
 def test_tiny_value_chroma_run_trains_a_parti_that_draws(tmp_path):
