@@ -442,10 +442,16 @@ class PartiTransformer(nn.Module):
     def forward(self, input_ids: torch.Tensor, decoder_input_ids: torch.Tensor,
                 attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         """input_ids (b, T) text, decoder_input_ids (b, n) image tokens shifted right -> logits (b, n, V)."""
+        return self.decoder.lm_head(self.hidden_states(input_ids, decoder_input_ids, attention_mask))
+
+    def hidden_states(self, input_ids: torch.Tensor, decoder_input_ids: torch.Tensor,
+                      attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The decoder's last states h (b, n, d), which `decoder.lm_head` turns into the logits; arguments as
+        `forward` (attention_mask defaults to every token but padding)."""
         if attention_mask is None:
             attention_mask = input_ids != self.config.pad_token_id
         states = self.encoder(input_ids, attention_mask)
-        return self.decoder(decoder_input_ids, states, attention_mask)
+        return self.decoder.hidden_states(decoder_input_ids, states, attention_mask)
 
 
 # ---------------------------------------------------------------------- the autoregressive factorisation
@@ -481,9 +487,7 @@ def autoregressive_loss(model: PartiTransformer, input_ids: torch.Tensor, image_
     if config.codebook_factors is not None:
         # factorised codes: -log p(k) = sum_f -log softmax(l_f)[k_f] (`FactorisedHead`), the same number
         # without forming the prod_f K_f joint logits
-        if attention_mask is None:
-            attention_mask = input_ids != config.pad_token_id
-        h = model.decoder.hidden_states(previous, model.encoder(input_ids, attention_mask), attention_mask)
+        h = model.hidden_states(input_ids, previous, attention_mask)
         digits = code_digits(image_tokens, tuple(config.codebook_factors))
         return sum(F.cross_entropy(head(h).flatten(0, 1).float(), k.flatten())
                    for head, k in zip(model.decoder.lm_head.factors, digits))
